@@ -1,0 +1,103 @@
+"""Packed, masked MLM batches for one rank: an IterableDataset over its streams + a DataLoader.
+
+Rank r with W dataloader workers owns streams r*W .. r*W+W-1 of N = world_size * W. Worker w serves
+stream (w + rotation) % W: PyTorch's loader takes batches from workers round-robin starting at worker 0,
+so after resuming at batch k the rotation k % W makes the stream order continue exactly as before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data.mask import mask_tokens
+from data.stream import Block, StreamState, TextStream
+
+
+@dataclass
+class MLMSettings:
+    block_size: int
+    micro_batch_size: int
+    mlm_probability: float
+    whole_word_masking: bool
+    seed: int
+    last_block: str = "pad"
+    mode: str = "blank_line"
+    text_field: str = "text"
+    max_chunk_bytes: int = 1 << 20
+    encoding_errors: str = "strict"
+    audit: bool = False
+
+
+def collate_blocks(blocks: list[Block], spec, s: MLMSettings) -> dict:
+    """Blocks -> {input_ids, labels, attention_mask: int64[B, L]} + bookkeeping.
+
+    Short blocks (end of an epoch) are right-padded with [PAD]; pads are special, never masked."""
+    trained = [b for b in blocks if len(b.tokens)]
+    b, length = len(trained), s.block_size
+    ids = np.full((max(b, 1), length), spec.pad_id, dtype=np.int64)
+    attn = np.zeros((max(b, 1), length), dtype=np.int64)
+    for i, blk in enumerate(trained):
+        ids[i, : len(blk.tokens)] = blk.tokens
+        attn[i, : len(blk.tokens)] = 1
+    keys = np.array([blk.key for blk in trained] or [0], dtype=np.uint64)
+    inputs, labels = mask_tokens(ids, keys, special=spec.special_table, prob=s.mlm_probability,
+                                 mask_id=spec.mask_id, vocab_size=spec.vocab_size,
+                                 continuation=spec.is_continuation if s.whole_word_masking else None)
+    n_real = int(attn.sum())
+    out = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+           "attention_mask": torch.from_numpy(attn),
+           "meta": {"state": blocks[-1].state, "n_real": n_real, "n_slots": b * length,
+                    "n_blocks": b, "dropped": sum(blk.dropped for blk in blocks),
+                    "audit": [a for blk in blocks for a in (blk.audit or [])] if s.audit else None}}
+    if b == 0:  # only a dropped tail: nothing to train on, the loop skips it but keeps its state
+        out["labels"][:] = -100
+    return out
+
+
+class MLMDataset(IterableDataset):
+    def __init__(self, files, sizes, spec, settings: MLMSettings, states: list[dict], rotation: int = 0,
+                 finite: bool = False):
+        super().__init__()
+        self.files, self.sizes, self.spec, self.s = files, sizes, spec, settings
+        self.states, self.rotation, self.finite = states, rotation, finite
+
+    def stream_for(self, state: dict) -> TextStream:
+        s = self.s
+        return TextStream(self.files, self.sizes, self.spec, mode=s.mode, text_field=s.text_field,
+                          max_chunk_bytes=s.max_chunk_bytes, errors=s.encoding_errors,
+                          block_size=s.block_size, seed=s.seed, last_block=s.last_block,
+                          state=StreamState.from_dict(state), finite=self.finite, audit=s.audit)
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if n_workers != len(self.states):
+            raise RuntimeError(f"{n_workers} dataloader workers for {len(self.states)} stream states")
+        stream = self.stream_for(self.states[(w + self.rotation) % n_workers])
+        pending: list[Block] = []
+        for blk in stream:
+            pending.append(blk)
+            if sum(1 for b in pending if len(b.tokens)) == self.s.micro_batch_size:
+                batch = collate_blocks(pending, self.spec, self.s)
+                batch["meta"]["replaced_bytes"] = stream.replaced_bytes
+                yield batch
+                pending = []
+        if pending:  # finite streams: the last, smaller batch
+            batch = collate_blocks(pending, self.spec, self.s)
+            batch["meta"]["replaced_bytes"] = stream.replaced_bytes
+            yield batch
+
+
+def initial_states(rank: int, world_size: int, workers: int) -> list[dict]:
+    n = world_size * workers
+    return [StreamState(rank * workers + w, n).to_dict() for w in range(workers)]
+
+
+def make_loader(dataset: MLMDataset, num_workers: int, prefetch_factor: int = 4) -> DataLoader:
+    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers else {}
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      **kwargs)

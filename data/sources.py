@@ -1,0 +1,283 @@
+"""Corpus files -> documents -> pieces, read from byte ranges without loading the corpus.
+
+Sharding rule (exactly-once by construction): all files are laid end to end in one virtual byte space
+and cut into N equal contiguous ranges, one per (rank, dataloader worker) stream. A document belongs to
+the range that holds its first byte; a stream reads the documents that start in its range (finishing
+the last one past the range end) and skips the tail of one that started before it. So every document
+is read by exactly one stream, however the file count compares to N.
+
+A long line is read in pieces of at most `max_chunk_bytes`, cut at whitespace, so a 50 MB line streams
+through tokenizer and packer without being held whole. Each piece records its file byte offset: a
+stream's position is (file, piece offset, tokens of that piece already used), so resuming seeks.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, position and the fix."""
+
+
+def resolve_files(patterns: list[str]) -> list[str]:
+    """Expand paths/globs in order (sorted within a glob), dropping duplicates; error on no match."""
+    from data.embedded import resolve_embedded
+
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith("embedded:"):
+            matches = [resolve_embedded(pattern)]
+        else:
+            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise DataError(f"'{pattern}' matches no file: check the path in data.train_files/eval_files")
+        for m in matches:
+            if not m.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+                raise DataError(f"{m}: unsupported file type; use .txt (documents separated per "
+                                "data.txt_documents) or .jsonl (one JSON object per line)")
+            if m not in out:
+                out.append(m)
+    return out
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Part of one file owned by a stream: documents starting in [lo, hi).
+
+    `resume` = (tokens_to_skip, piece_is_doc_start, doc_offset) means `lo` is the exact start of a
+    piece to re-read (mid-document is allowed): a saved stream position."""
+
+    file: int
+    lo: int
+    hi: int
+    resume: tuple[int, bool, int] | None = None
+
+    def to_list(self):
+        return [self.file, self.lo, self.hi, list(self.resume) if self.resume else None]
+
+    @staticmethod
+    def from_list(v) -> Segment:
+        return Segment(int(v[0]), int(v[1]), int(v[2]), tuple(v[3]) if v[3] is not None else None)
+
+
+def split_ranges(ranges: list[Segment], n: int) -> list[list[Segment]]:
+    """Cut a list of segments (in order) into n contiguous parts of (nearly) equal byte counts."""
+    total = sum(max(0, s.hi - s.lo) for s in ranges)
+    bounds = [total * i // n for i in range(n + 1)]
+    parts: list[list[Segment]] = [[] for _ in range(n)]
+    base = 0
+    for seg in ranges:
+        size = max(0, seg.hi - seg.lo)
+        if size == 0:  # only the rest of a started document: keep it with the part holding its byte
+            if seg.resume is not None:
+                i = max(j for j in range(n) if bounds[j] <= base)
+                parts[i].append(Segment(seg.file, seg.lo, seg.lo, seg.resume))
+            continue
+        for i in range(n):
+            lo, hi = max(bounds[i], base), min(bounds[i + 1], base + size)
+            if lo < hi:
+                resume = seg.resume if lo == base else None  # the saved piece stays with its byte
+                parts[i].append(Segment(seg.file, seg.lo + lo - base, seg.lo + hi - base, resume))
+        base += size
+    return parts
+
+
+def partition(sizes: list[int], n: int) -> list[list[Segment]]:
+    """The fresh-epoch split of all files into n streams."""
+    return split_ranges([Segment(i, 0, s) for i, s in enumerate(sizes)], n)
+
+
+@dataclass
+class Piece:
+    offset: int  # file byte offset of the piece's first byte
+    doc_offset: int  # file byte offset of the document's first piece
+    text: str
+    doc_start: bool  # first piece of a document ([CLS] goes before it)
+    doc_end: bool  # last piece of a document ([SEP] goes after it)
+    next_offset: int  # byte offset just past the piece (and its line break)
+
+
+class PieceReader:
+    """Reads one file's pieces for a Segment. Blank-line docs, line docs, or jsonl records."""
+
+    def __init__(self, path: str, mode: str, text_field: str, max_chunk_bytes: int, errors: str):
+        self.path, self.mode, self.text_field = path, mode, text_field
+        self.jsonl = path.endswith(JSONL_SUFFIXES)
+        self.max_chunk, self.errors = max_chunk_bytes, errors
+        self.replaced = 0  # count of undecodable bytes replaced (errors="replace")
+
+    # -- low level -------------------------------------------------------------------------------
+    def _decode(self, raw: bytes, offset: int) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if self.errors != "replace":
+                line = _line_number(self.path, offset + e.start)
+                raise DataError(f"{self.path}: line {line} (byte {offset + e.start}) is not valid UTF-8 "
+                                f"({e.reason}); fix the file or set data.encoding_errors=replace") from None
+            text = raw.decode("utf-8", errors="replace")
+            self.replaced += text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+            return text
+
+    def _read_chunk(self, f, pos: int) -> tuple[bytes, int, bool]:
+        """Bytes of one piece starting at pos: (raw, next_pos, line_complete)."""
+        f.seek(pos)
+        raw = f.readline(self.max_chunk)
+        if not raw:
+            return b"", pos, True
+        if raw.endswith(b"\n"):
+            return raw, pos + len(raw), True
+        if len(raw) < self.max_chunk or self.jsonl:
+            if self.jsonl and len(raw) == self.max_chunk:  # JSON cannot be cut: read the whole record
+                raw += f.readline()
+            return raw, pos + len(raw), True  # last line of the file without a newline
+        cut = max(raw.rfind(b" "), raw.rfind(b"\t"))
+        if cut <= 0:  # no whitespace: cut anywhere, but not inside a UTF-8 sequence
+            cut = len(raw) - 1
+            while cut > 0 and (raw[cut] & 0xC0) == 0x80:
+                cut -= 1
+            cut -= 1
+        raw = raw[: cut + 1]
+        return raw, pos + len(raw), False
+
+    def _is_line_start(self, f, pos: int) -> bool:
+        if pos == 0:
+            return True
+        f.seek(pos - 1)
+        return f.read(1) == b"\n"
+
+    def _prev_line_blank(self, f, pos: int) -> bool:
+        """For a line starting at pos: is the line before it blank (or is this the first line)?"""
+        if pos == 0:
+            return True
+        lo = max(0, pos - 4096)
+        f.seek(lo)
+        before = f.read(pos - lo)[:-1]  # drop the newline that ends the previous line
+        nl = before.rfind(b"\n")
+        if nl < 0 and lo > 0:
+            return False  # a previous line longer than the window is not blank
+        return before[nl + 1:].strip() == b""
+
+    def _next_line_start(self, f, pos: int) -> int:
+        if self._is_line_start(f, pos):
+            return pos
+        f.seek(pos)
+        while True:  # skip the rest of a (possibly very long) line in bounded reads
+            chunk = f.readline(self.max_chunk)
+            pos += len(chunk)
+            if not chunk or chunk.endswith(b"\n"):
+                return pos
+
+    # -- documents -------------------------------------------------------------------------------
+    def pieces(self, seg: Segment):
+        """Yield the pieces of the documents that start in [seg.lo, seg.hi)."""
+        with open(self.path, "rb") as f:
+            if self.jsonl or self.mode == "line":
+                yield from self._line_docs(f, seg)
+            else:
+                yield from self._block_docs(f, seg)
+
+    def _text_of(self, raw: bytes, pos: int, line_no_hint: int | None = None) -> str:
+        text = self._decode(raw, pos)
+        if not self.jsonl:
+            return text.strip("\r\n")
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{self.path}: line {_line_number(self.path, pos)} is not valid JSON ({e.msg}); "
+                            "each line of a .jsonl file must be one JSON object") from None
+        if not isinstance(rec, dict) or self.text_field not in rec:
+            keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
+            raise DataError(f"{self.path}: line {_line_number(self.path, pos)} has no field "
+                            f"'{self.text_field}' (it has: {keys}); set data.text_field")
+        value = rec[self.text_field]
+        return value if isinstance(value, str) else str(value)
+
+    def _line_docs(self, f, seg: Segment):
+        if seg.resume is not None:
+            pos, first_is_start, doc_offset = seg.lo, seg.resume[1], seg.resume[2]
+        else:
+            pos, first_is_start = self._next_line_start(f, seg.lo), True
+            doc_offset = pos
+        doc_start, in_doc = first_is_start, seg.resume is not None and not first_is_start
+        while True:
+            if not in_doc and pos >= seg.hi:
+                return
+            raw, nxt, complete = self._read_chunk(f, pos)
+            if not raw:
+                return
+            text = self._text_of(raw, pos)
+            if doc_start and complete and not text.strip():  # empty line / record: not a document
+                pos = nxt
+                continue
+            if doc_start:
+                doc_offset = pos
+            yield Piece(pos, doc_offset, text, doc_start, complete, nxt)
+            pos, in_doc, doc_start = nxt, not complete, complete
+
+    def _block_docs(self, f, seg: Segment):
+        if seg.resume is not None:
+            pos, doc_start, in_doc = seg.lo, seg.resume[1], True
+            doc_offset = seg.resume[2]
+            line_complete_before = self._is_line_start(f, pos)
+        else:
+            pos = self._next_line_start(f, seg.lo)
+            doc_start, in_doc, line_complete_before, doc_offset = False, False, True, pos
+            # a mid-document start belongs to the previous range: skip to the next document start
+            prev_blank = self._prev_line_blank(f, pos)
+        while True:
+            raw, nxt, complete = self._read_chunk(f, pos)
+            blank = (not raw) or (line_complete_before and complete and not raw.strip())
+            if not in_doc:
+                if not raw:
+                    return
+                if blank:
+                    prev_blank, pos = True, nxt
+                    continue
+                if not prev_blank or not line_complete_before:
+                    prev_blank, pos, line_complete_before = False, nxt, complete
+                    continue
+                if pos >= seg.hi:
+                    return
+                in_doc, doc_start, doc_offset = True, True, pos
+            elif blank:  # a blank line (or EOF) ends the document; the previous piece carried doc_end
+                in_doc, prev_blank, pos, line_complete_before = False, True, nxt, True
+                continue
+            text = self._decode(raw, pos).rstrip("\r\n")
+            end = complete and self._doc_ends_after(f, nxt)
+            yield Piece(pos, doc_offset, text + ("\n" if complete and not end else ""), doc_start, end, nxt)
+            doc_start, pos, line_complete_before = False, nxt, complete
+            if end:
+                in_doc, prev_blank = False, False
+
+    def _doc_ends_after(self, f, pos: int) -> bool:
+        """In blank-line mode: is the line at pos blank or missing (so the document ends before it)?"""
+        f.seek(pos)
+        nxt = f.readline(4096)
+        return not nxt or (nxt.endswith(b"\n") and not nxt.strip()) or (len(nxt) < 4096 and not nxt.strip())
+
+
+def _line_number(path: str, offset: int) -> int:
+    """1-based line of a byte offset (only computed on the error path)."""
+    n, done = 1, 0
+    with open(path, "rb") as f:
+        while done < offset:
+            chunk = f.read(min(1 << 20, offset - done))
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            done += len(chunk)
+    return n
+
+
+def file_sizes(files: list[str]) -> list[int]:
+    return [Path(p).stat().st_size for p in files]

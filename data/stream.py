@@ -1,0 +1,208 @@
+"""A stream = one (rank, dataloader worker) share of the corpus: read -> tokenize -> pack -> blocks.
+
+Its whole position is a small JSON-able `StreamState` (epoch, the byte ranges it owns, the piece it is
+in and how many of that piece's tokens are used). Each block leaves the stream with the state *after*
+that block, so the trainer can save exactly what it consumed, and resuming seeks straight there.
+`replan` re-splits the unread rest of an epoch over a different number of streams (world-size change).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data.mask import block_key
+from data.pack import Packer, PieceTokens
+from data.sources import DataError, PieceReader, Segment, partition, split_ranges
+
+READ_BATCH_BYTES = 1 << 16  # text tokenized per call: large enough to amortise the call, small enough to stream
+
+
+@dataclass
+class StreamState:
+    stream: int  # this stream's index among num_streams (rank * workers + worker)
+    num_streams: int
+    epoch: int = 0
+    segments: list[Segment] | None = None  # this epoch's byte ranges (None: the fresh split)
+    seg_idx: int = 0
+    pos: tuple[int, int, bool, int] | None = None  # (piece offset, tokens used, doc_start, doc_offset)
+    pending: list[tuple[int, list[Segment]]] = field(default_factory=list)  # later epochs' rest (resize)
+    blocks: int = 0  # blocks emitted so far (all epochs)
+    docs: int = 0  # documents started so far
+
+    def plan(self, sizes: list[int]) -> list[Segment]:
+        if self.segments is None:
+            return partition(sizes, self.num_streams)[self.stream]
+        return self.segments
+
+    def to_dict(self) -> dict:
+        return {"stream": self.stream, "num_streams": self.num_streams, "epoch": self.epoch,
+                "segments": None if self.segments is None else [s.to_list() for s in self.segments],
+                "seg_idx": self.seg_idx, "pos": list(self.pos) if self.pos else None,
+                "pending": [[e, [s.to_list() for s in segs]] for e, segs in self.pending],
+                "blocks": self.blocks, "docs": self.docs}
+
+    @staticmethod
+    def from_dict(d: dict) -> StreamState:
+        return StreamState(
+            d["stream"], d["num_streams"], d["epoch"],
+            None if d["segments"] is None else [Segment.from_list(s) for s in d["segments"]],
+            d["seg_idx"], tuple(d["pos"]) if d["pos"] else None,
+            [(e, [Segment.from_list(s) for s in segs]) for e, segs in d["pending"]], d["blocks"], d["docs"])
+
+    def remaining(self, sizes: list[int]) -> list[Segment]:
+        """The unread rest of the current epoch, as segments (the current piece pinned by `resume`)."""
+        segs = self.plan(sizes)[self.seg_idx:]
+        if segs and self.pos is not None:
+            cur = segs[0]
+            off, used, start, doc_off = self.pos
+            segs = [Segment(cur.file, off, max(off, cur.hi), (used, start, doc_off))] + segs[1:]
+        return segs
+
+
+def replan(states: list[StreamState], sizes: list[int], new_n: int) -> list[StreamState]:
+    """Split all unread work of `states` over `new_n` fresh streams: every document still exactly once.
+
+    Streams may be in different epochs: work of each epoch from the lowest to the highest one in flight
+    is collected (what a stream still has of its epoch, plus the whole fresh range of epochs it has not
+    begun) and cut into new_n equal parts; epochs after that use the fresh split for new_n streams."""
+    max_epoch = max(s.epoch for s in states)
+    work: dict[int, list[Segment]] = defaultdict(list)
+    for st in sorted(states, key=lambda s: s.stream):
+        work[st.epoch] += st.remaining(sizes)
+        planned = {st.epoch}
+        for e, segs in st.pending:
+            work[e] += segs
+            planned.add(e)
+        fresh = partition(sizes, st.num_streams)[st.stream]
+        for e in range(max(planned) + 1, max_epoch + 1):
+            work[e] += fresh
+    min_epoch = min(work)
+    parts = {e: split_ranges(sorted(work[e], key=lambda s: (s.file, s.lo)), new_n) for e in work}
+    docs = sum(s.docs for s in states)
+    out = []
+    for j in range(new_n):
+        out.append(StreamState(j, new_n, min_epoch, parts[min_epoch][j], 0, None,
+                               [(e, parts[e][j]) for e in range(min_epoch + 1, max_epoch + 1)],
+                               0, docs if j == 0 else 0))
+    return out
+
+
+@dataclass
+class Block:
+    tokens: np.ndarray  # int32[n], n <= block_size (short only at the end of a stream's epoch)
+    key: int  # masking key: where the block starts in the corpus
+    state: dict  # stream state after this block
+    audit: list | None  # [(epoch, doc_id, n_tokens)] when auditing
+    dropped: int = 0  # tokens of a dropped short block (data.last_block=drop)
+
+
+class TextStream:
+    """Blocks of one stream, forever (or one epoch when `finite`)."""
+
+    def __init__(self, files: list[str], sizes: list[int], spec, *, mode: str, text_field: str,
+                 max_chunk_bytes: int, errors: str, block_size: int, seed: int, last_block: str,
+                 state: StreamState, finite: bool = False, audit: bool = False):
+        self.files, self.sizes, self.spec = files, sizes, spec
+        self.readers = [PieceReader(p, mode, text_field, max_chunk_bytes, errors) for p in files]
+        self.block_size, self.seed, self.last_block = block_size, seed, last_block
+        self.state, self.finite, self.audit = copy.deepcopy(state), finite, audit
+
+    @property
+    def replaced_bytes(self) -> int:
+        return sum(r.replaced for r in self.readers)
+
+    def _pieces(self, st: StreamState, segs: list[Segment]):
+        """(seg_idx, Piece) from the stream's position to the end of its epoch plan."""
+        for i in range(st.seg_idx, len(segs)):
+            seg = segs[i]
+            if i == st.seg_idx and st.pos is not None:
+                off, used, start, doc_off = st.pos
+                seg = Segment(seg.file, off, max(off, seg.hi), (used, start, doc_off))
+            for piece in self.readers[seg.file].pieces(seg):
+                yield i, piece
+
+    def _tokenized(self, st: StreamState, segs: list[Segment]):
+        """PieceTokens in stream order, tokenized in batches of about READ_BATCH_BYTES of text."""
+        spec, batch, size = self.spec, [], 0
+        cls_, sep_ = np.array([spec.cls_id], np.int32), np.array([spec.sep_id], np.int32)
+        first = st.pos is not None
+
+        def flush():
+            for (i, p), ids in zip(batch, spec.encode([p.text for _, p in batch])):
+                toks = np.asarray(ids, dtype=np.int32)
+                if p.doc_start:
+                    toks = np.concatenate([cls_, toks])
+                if p.doc_end:
+                    toks = np.concatenate([toks, sep_])
+                doc_id = segs[i].file * (1 << 40) + p.doc_offset
+                yield PieceTokens(i, p.offset, p.doc_start, toks, 0, p.doc_offset, doc_id)
+
+        for i, piece in self._pieces(st, segs):
+            batch.append((i, piece))
+            size += len(piece.text)
+            if size >= READ_BATCH_BYTES:
+                for rec in flush():
+                    if first:  # the saved piece: skip the tokens trained before the checkpoint
+                        rec.used, first = st.pos[1], False
+                    yield rec
+                batch, size = [], 0
+        for rec in flush():
+            if first:
+                rec.used, first = st.pos[1], False
+            yield rec
+
+    def __iter__(self):
+        st = self.state
+        while True:
+            segs = st.plan(self.sizes)
+            fresh = st.segments is None
+            packer, got_tokens = Packer(self.block_size), False
+
+            def emit(tokens, start, audit):
+                seg_i, off, used, _, _ = start
+                key = block_key(self.seed, st.epoch, segs[seg_i].file, off, used)
+                pos = packer.position()
+                st.blocks += 1
+                if pos is not None:
+                    st.seg_idx, st.pos = pos[0], tuple(pos[1:])
+                return Block(tokens, key, st.to_dict(), audit)
+
+            for rec in self._tokenized(st, segs):
+                if rec.doc_start and rec.used == 0:
+                    st.docs += 1
+                packer.add(rec)
+                got_tokens = True
+                while packer.full():
+                    start, audit = packer.position(), ([] if self.audit else None)
+                    tokens = packer.take(audit=audit)
+                    yield emit(tokens, start, [(st.epoch, d, n) for d, n in audit] if audit is not None
+                               else None)
+            if fresh and not got_tokens and st.pos is None:
+                raise DataError(f"stream {st.stream} of {st.num_streams} got no documents: the corpus "
+                                f"({len(self.files)} file(s)) has fewer documents than world_size x "
+                                "data.num_workers streams; lower data.num_workers, use fewer ranks or add data")
+            # end of this stream's epoch: the one short block, then the next epoch's plan
+            start, audit = packer.position(), ([] if self.audit else None)
+            tail = packer.take(audit=audit) if packer.available else None
+            key = block_key(self.seed, st.epoch, segs[start[0]].file, start[1], start[2]) if start else 0
+            audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
+            self._next_epoch(st)
+            if tail is not None and self.last_block == "pad":
+                st.blocks += 1
+                yield Block(tail, key, st.to_dict(), audit)
+            elif tail is not None:  # dropped: not trained, but counted and its position passed
+                yield Block(tail[:0], key, st.to_dict(), audit, dropped=len(tail))
+            if self.finite:
+                return
+
+    def _next_epoch(self, st: StreamState) -> None:
+        st.epoch += 1
+        st.seg_idx, st.pos = 0, None
+        if st.pending and st.pending[0][0] == st.epoch:
+            st.segments = st.pending.pop(0)[1]
+        else:
+            st.segments = None

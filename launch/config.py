@@ -1,0 +1,294 @@
+"""The run configuration: one typed tree per entry point, loaded from YAML + `key=value` overrides.
+
+The key names are public interface (README, example configs, users' YAML files): keep them.
+Unknown keys are rejected with a did-you-mean; all problems are reported at once (launch/configlib.py).
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from launch import configlib
+from launch.configlib import REQUIRED
+
+PRESETS = ("tiny", "mini", "small", "bert-base", "bert-large")
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = None
+    """Architecture built from scratch with transformers' BertConfig: tiny (tests: 2 layers, hidden 64),
+    mini (4 x 256), small (4 x 512), bert-base (12 x 768), bert-large (24 x 1024)."""
+    pretrained: str | None = None
+    """A Hugging Face model folder (config.json + weights), e.g. our run's output_dir/final."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel: sdpa (flash / memory-efficient where available) or eager."""
+    sparse_mlm_head: bool = True
+    """Run the MLM head only on masked positions: same loss, about 15% fewer FLOPs per token."""
+    compile: bool = False
+    """torch.compile the encoder (GPU runs; slow to warm up on CPU)."""
+    hidden_dropout: float | None = None
+    """Override hidden_dropout_prob (None: the preset's / checkpoint's value)."""
+    attention_dropout: float | None = None
+    """Override attention_probs_dropout_prob (None: keep)."""
+    max_position_embeddings: int = 512
+    """Positions of a preset model; data.block_size may not exceed it."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside a model folder to run. Off: only transformers' own classes."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Paths or globs of .txt / .jsonl files (or `embedded:pydoc`, text that ships with Python)."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files, same formats; evaluated in full every eval.every steps."""
+    txt_documents: Literal["blank_line", "line"] = "blank_line"
+    """How .txt files split into documents: blank_line = a run of non-empty lines separated by one or
+    more blank lines (WikiText paragraphs, books); line = every non-empty line is a document."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl records (and in hub datasets)."""
+    dataset: str | None = None
+    """A `datasets` hub name, streamed instead of train_files (needs network/hub access)."""
+    dataset_config: str | None = None
+    """The hub dataset's configuration name, if it has several."""
+    train_split: str = "train"
+    """Split of data.dataset for training."""
+    eval_split: str | None = None
+    """Split of data.dataset for evaluation (None: no eval from the hub)."""
+    cache: str | None = None
+    """A token cache folder from `python -m data.prepare` used instead of train_files (faster)."""
+    block_size: int = 128
+    """Tokens per packed block (sequence length)."""
+    mlm_probability: float = 0.15
+    """Fraction of (non-special) tokens selected for MLM; of those 80% -> [MASK], 10% random, 10% kept."""
+    whole_word_masking: bool = False
+    """Select whole words (all their ## pieces) instead of single tokens."""
+    num_workers: int = 2
+    """Dataloader worker processes per rank (0: read and tokenize in the training process)."""
+    last_block: Literal["pad", "drop"] = "pad"
+    """The one short block at the end of each stream's epoch: pad it (counted as pad tokens) or drop it."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """Non-UTF-8 bytes: strict = stop with the file and byte offset; replace = U+FFFD, counted in metrics."""
+    max_chunk_bytes: int = 1 << 20
+    """Longer lines are read and tokenized in pieces of at most this many bytes, cut at whitespace."""
+    audit: bool = False
+    """Record which document tokens every trained block held (output_dir/audit/), for exactly-once checks."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for."""
+    micro_batch_size: int = 32
+    """Sequences per rank per forward pass."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks = micro_batch_size x grad-accum x world size
+    (None: micro_batch_size x world size, no accumulation)."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup (transformers' schedulers)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    adam_eps: float = 1e-6
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    seed: int = 42
+    """Seeds weights, dropout and masking; runs with the same seed are reproducible."""
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """Mixed precision: auto = bf16 on GPUs that support it, else fp32."""
+    resume: str = "auto"
+    """auto: newest verified checkpoint in output_dir (fresh start if none); none: always fresh;
+    or a path to a checkpoint folder."""
+    nan_policy: Literal["skip", "stop"] = "skip"
+    """Non-finite loss: skip = drop that step (counted) and continue; stop = checkpoint last good state and exit."""
+    max_bad_steps: int = 20
+    """Stop anyway after this many consecutive non-finite steps."""
+    dist_timeout_s: int = 600
+    """Seconds a collective may wait before ranks give up (a dead or hung rank)."""
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero2.json"
+    """DeepSpeed JSON; its "auto" fields are filled from this run config."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    max_batches: int | None = None
+    """Cap on eval batches per rank (None: the whole eval set)."""
+    micro_batch_size: int | None = None
+    """Eval batch size per rank (None: train.micro_batch_size)."""
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: online when an API key is configured, else offline (sync later with `wandb sync`)."""
+    project: str = "bertlaunch"
+    """wandb project."""
+    entity: str | None = None
+    """wandb entity (team or user)."""
+    name: str | None = None
+    """Run name (None: the output_dir's name)."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Write a metrics line (metrics.jsonl, wandb, console) every N steps."""
+    progress: bool = True
+    """tqdm progress bar on rank 0 (plain log lines when stdout is not a terminal)."""
+    peak_tflops: float | None = None
+    """Peak FLOP/s of one device (TFLOP/s) for MFU; None: from the built-in table."""
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    """Weights & Biases tracking (rank 0 only)."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save every N steps (0: only at the end and on signals)."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints (older ones are deleted after a new one is committed)."""
+    allow_resize: bool = True
+    """Resuming with another world size / worker count converts the checkpoint (DeepSpeed universal
+    format) and re-splits the unread data; false: such a resume is an error."""
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = REQUIRED
+    """Where config.yaml, metrics.jsonl, checkpoints/ and final/ go."""
+    tokenizer: str = "bert-base-uncased"
+    """Tokenizer folder or tokenizer.json; bert-base-uncased resolves to an offline copy of its vocab."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture or pretrained weights."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, packing and masking."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics, progress bar and wandb."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+
+    def validate(self) -> list[str]:
+        p = validate_model(self.model)
+        p += validate_train(self.train)
+        p += validate_deepspeed(self.deepspeed)
+        d = self.data
+        if not (d.train_files or d.dataset or d.cache):
+            p.append("no training data: set data.train_files (paths or globs of .txt/.jsonl), "
+                     "data.cache (a prepared token cache) or data.dataset (a hub dataset name)")
+        for key in ("train_files", "eval_files"):
+            for pattern in getattr(d, key) or []:
+                if pattern and not pattern.startswith("embedded:") and not glob.glob(pattern):
+                    p.append(f"data.{key}: '{pattern}' matches no file (check the path; globs like "
+                             "'corpus/*.txt' are allowed)")
+        if d.block_size is not None and not 8 <= d.block_size:
+            p.append(f"data.block_size must be at least 8, got {d.block_size}")
+        if self.model.preset and d.block_size and d.block_size > self.model.max_position_embeddings:
+            p.append(f"data.block_size={d.block_size} exceeds model.max_position_embeddings="
+                     f"{self.model.max_position_embeddings}: lower the block size or raise the positions")
+        if d.mlm_probability is not None and not 0.0 < d.mlm_probability < 1.0:
+            p.append(f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
+        if d.num_workers is not None and d.num_workers < 0:
+            p.append(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if d.max_chunk_bytes is not None and d.max_chunk_bytes < 1024:
+            p.append(f"data.max_chunk_bytes must be >= 1024, got {d.max_chunk_bytes}")
+        p += validate_common(self)
+        return p
+
+
+def validate_model(m: ModelConfig) -> list[str]:
+    p = []
+    if bool(m.preset) == bool(m.pretrained):
+        p.append("set exactly one of model.preset (one of: " + ", ".join(PRESETS) + ") or model.pretrained "
+                 "(a Hugging Face model folder)" + (", not both" if m.preset else ""))
+    if m.preset and m.preset not in PRESETS:
+        p.append(f"model.preset '{m.preset}' is not one of: {', '.join(PRESETS)}")
+    if m.pretrained and not Path(m.pretrained).exists():
+        p.append(f"model.pretrained: folder '{m.pretrained}' does not exist (no hub at run time: "
+                 "give a local Hugging Face model folder)")
+    for key in ("hidden_dropout", "attention_dropout"):
+        v = getattr(m, key)
+        if v is not None and not 0.0 <= v < 1.0:
+            p.append(f"model.{key} must be in [0, 1), got {v}")
+    return p
+
+
+def validate_train(t: TrainConfig) -> list[str]:
+    p = []
+    for key in ("max_steps", "micro_batch_size"):
+        v = getattr(t, key)
+        if v is not None and v < 1:
+            p.append(f"train.{key} must be >= 1, got {v}")
+    if t.global_batch_size is not None and t.global_batch_size < 1:
+        p.append(f"train.global_batch_size must be >= 1, got {t.global_batch_size}")
+    if t.lr is not None and t.lr <= 0:
+        p.append(f"train.lr must be > 0, got {t.lr}")
+    if t.warmup_steps is not None and t.warmup_steps < 0:
+        p.append(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.adam_betas is not None and (len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas)):
+        p.append(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
+    if t.grad_clip is not None and t.grad_clip < 0:
+        p.append(f"train.grad_clip must be >= 0 (0 turns clipping off), got {t.grad_clip}")
+    if t.resume not in (None, "auto", "none") and not Path(t.resume).exists():
+        p.append(f"train.resume: '{t.resume}' is neither auto, none nor an existing checkpoint folder")
+    return p
+
+
+def validate_deepspeed(ds: DeepSpeedConfig) -> list[str]:
+    if ds.config and not Path(ds.config).is_file():
+        return [f"deepspeed.config: '{ds.config}' does not exist (the shipped ones are in ds_configs/: "
+                "zero0.json, zero1.json, zero2.json, zero3.json, zero2_offload.json)"]
+    return []
+
+
+def validate_common(cfg) -> list[str]:
+    p = []
+    if cfg.log.every is not None and cfg.log.every < 1:
+        p.append(f"log.every must be >= 1, got {cfg.log.every}")
+    if cfg.eval.every is not None and cfg.eval.every < 0:
+        p.append(f"eval.every must be >= 0, got {cfg.eval.every}")
+    if cfg.checkpoint.every is not None and cfg.checkpoint.every < 0:
+        p.append(f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
+    if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
+        p.append(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    return p
+
+
+def batch_arithmetic(train: TrainConfig, world_size: int) -> tuple[int, list[str]]:
+    """Gradient-accumulation steps implied by global = micro x accum x world; problems if it is not whole."""
+    micro = train.micro_batch_size
+    glob_bs = train.global_batch_size or micro * world_size
+    per_step = micro * world_size
+    if glob_bs % per_step:
+        lo = max(per_step, glob_bs // per_step * per_step)
+        return 0, [f"train.global_batch_size={glob_bs} is not a multiple of micro_batch_size x world_size "
+                   f"= {micro} x {world_size} = {per_step}: use {lo} or {lo + per_step}, or change "
+                   "train.micro_batch_size"]
+    return glob_bs // per_step, []
+
+
+def load_pretrain(path: str | None, overrides: list[str] | None = None) -> PretrainConfig:
+    return configlib.load(PretrainConfig, path, overrides)

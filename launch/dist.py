@@ -1,0 +1,175 @@
+"""The one module that owns RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+
+It reads them from whichever launcher started us:
+  - `deepspeed` or `torchrun`: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT are in the environment
+    (deepspeed also appends --local_rank=N to argv; the environment wins);
+  - SLURM `srun` (one task per GPU): SLURM_PROCID, SLURM_STEP_NUM_TASKS, SLURM_LOCALID, the job's node
+    list (first node = master) and a port derived from the job id;
+  - nothing (`python launch/pretrain.py`): a single-process debug run on one GPU or the CPU.
+and then exports the standard variables so DeepSpeed / torch.distributed see one consistent picture.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # deepspeed | torchrun | slurm | single
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Expand SLURM's compressed node list ('node[01-03,07],gpu5') without needing scontrol."""
+    hosts, parts, depth, cur = [], [], 0, ""
+    for ch in nodelist:  # split on commas that are not inside brackets
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+            continue
+        depth += ch == "["
+        depth -= ch == "]"
+        cur += ch
+    parts.append(cur)
+    for part in filter(None, parts):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]+)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for r in ranges.split(","):
+            if "-" in r:
+                lo, hi = r.split("-")
+                hosts += [f"{prefix}{i:0{len(lo)}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
+            else:
+                hosts.append(f"{prefix}{r}{suffix}")
+    return hosts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_master_addr(env) -> str:
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:  # scontrol knows every syntax; fall back to our parser where it is missing
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=20, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return expand_nodelist(nodelist)[0]
+
+
+def detect(env=None) -> DistInfo:
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        launcher = "torchrun" if "TORCHELASTIC_RUN_ID" in env else "deepspeed"
+        return DistInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                        int(env.get("LOCAL_WORLD_SIZE", env.get("LOCAL_SIZE", 1))),
+                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), launcher)
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        # Inside an `srun` step: one task per GPU. (The batch script itself has no step id, so a plain
+        # `python launch/pretrain.py` there stays a single process instead of waiting for peers.)
+        world = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", 1)))
+        job = int(env.get("SLURM_JOB_ID", 0))
+        port = int(env.get("MASTER_PORT", 20000 + job % 20000))
+        tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", "1"))
+        local_world = int(re.match(r"\d+", tasks_per_node).group())
+        return DistInfo(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), local_world,
+                        env.get("MASTER_ADDR") or slurm_master_addr(env), port, "slurm")
+    return DistInfo(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare_env(info: DistInfo) -> None:
+    """Export the standard variables (before deepspeed is imported: it reads DS_ACCELERATOR at import)."""
+    os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size), LOCAL_RANK=str(info.local_rank),
+                      LOCAL_WORLD_SIZE=str(info.local_world_size), MASTER_ADDR=info.master_addr,
+                      MASTER_PORT=str(info.master_port))
+    if not has_cuda():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # Each dataloader worker tokenizes on its own; nested Rust thread pools only oversubscribe the cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def init(timeout_s: int = 600) -> DistInfo:
+    """Detect, export, and start the process group through DeepSpeed (nccl on GPUs, gloo on the CPU)."""
+    info = detect()
+    prepare_env(info)
+    import deepspeed
+    import torch
+
+    if has_cuda():
+        torch.cuda.set_device(info.local_rank)
+    backend = "nccl" if has_cuda() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s), verbose=False)
+    return info
+
+
+def device():
+    import torch
+
+    return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Reduce a few scalars across ranks in one collective (float64 on the CPU under gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.tolist()
+
+
+def destroy() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

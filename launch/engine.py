@@ -1,0 +1,125 @@
+"""DeepSpeed engine from a ds_configs/ JSON whose "auto" fields are filled from the run config.
+
+A value the JSON sets explicitly must agree with the run config; every disagreement is reported with
+the key in both places, instead of DeepSpeed silently preferring one of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+AUTO = "auto"
+
+
+def resolve_precision(precision: str) -> str:
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def load_ds_json(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"deepspeed.config {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"deepspeed.config {path}: the top level must be an object")
+    return data
+
+
+def fill_ds_config(ds: dict, *, micro: int, accum: int, world: int, precision: str, lr: float,
+                   betas, eps: float, weight_decay: float, grad_clip: float, source: str = "deepspeed.config"
+                   ) -> tuple[dict, list[str]]:
+    """-> (filled config, problems). Precision must already be resolved (fp32|fp16|bf16)."""
+    ds, problems = copy.deepcopy(ds), []
+
+    def put(container: dict, key: str, value, run_key: str, where: str):
+        have = container.get(key, AUTO)
+        if have == AUTO:
+            container[key] = value
+        elif have != value:
+            problems.append(f"{source}: \"{where}\" is {have!r} but the run config gives {value!r} "
+                            f"({run_key}); set it to \"auto\" in the JSON or change {run_key}")
+
+    put(ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch_size", "train_micro_batch_size_per_gpu")
+    put(ds, "gradient_accumulation_steps", accum, "train.global_batch_size",
+        "gradient_accumulation_steps")
+    put(ds, "train_batch_size", micro * accum * world, "train.global_batch_size", "train_batch_size")
+    put(ds, "gradient_clipping", float(grad_clip), "train.grad_clip", "gradient_clipping")
+    for name in ("fp16", "bf16"):
+        section = ds.setdefault(name, {})
+        put(section, "enabled", precision == name, "train.precision", f"{name}.enabled")
+    if precision == "fp16":
+        ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
+        ds["fp16"].setdefault("initial_scale_power", 16)
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    put(params, "lr", lr, "train.lr", "optimizer.params.lr")
+    put(params, "betas", list(betas), "train.adam_betas", "optimizer.params.betas")
+    put(params, "eps", eps, "train.adam_eps", "optimizer.params.eps")
+    put(params, "weight_decay", weight_decay, "train.weight_decay", "optimizer.params.weight_decay")
+    if "scheduler" in ds:
+        problems.append(f"{source}: remove the \"scheduler\" section; the schedule comes from train.schedule "
+                        "and train.warmup_steps (so resume and logging know the learning rate)")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        problems.append(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload not in ("none", None) and stage == 0:
+        problems.append(f"{source}: offload_optimizer needs zero_optimization.stage >= 1")
+    if precision == "fp16" and not torch.cuda.is_available():
+        problems.append("train.precision=fp16 needs a GPU (DeepSpeed's CPU backend has no fp16 "
+                        "loss scaling); use bf16 or fp32 on the CPU")
+    ds.setdefault("steps_per_print", 1 << 30)  # we log ourselves
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds, problems
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and LayerNorm weights (BERT recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def schedule(name: str, warmup: int, total: int):
+    """Callable optimizer -> LR scheduler (DeepSpeed steps it once per optimizer step)."""
+    from transformers import get_scheduler
+
+    kind = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[name]
+    return lambda optimizer: get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
+
+
+def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, lr_schedule):
+    import deepspeed
+
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=module, model_parameters=param_groups(module, weight_decay), config=ds_config,
+        lr_scheduler=lr_schedule)
+    _keep_fp32_clip_norm(engine)
+    return engine, optimizer, scheduler
+
+
+def _keep_fp32_clip_norm(engine) -> None:
+    """Without ZeRO / mixed precision DeepSpeed clips with clip_grad_norm_ but drops the norm it
+    computes; keep it so get_global_grad_norm() reports it like in the other modes."""
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip():
+        engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),
+                                                   max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip

@@ -1,0 +1,190 @@
+"""The training loop (shared by pretraining and fine-tuning) and what happens between steps.
+
+A `task` supplies the data and the model-specific parts:
+  batches() -> iterator of micro-batches     forward(engine, batch) -> scalar loss
+  consumed(batch, step)  (remember the data position)     null_batch() -> a batch with no targets
+  counts(batch) -> dict of real_tokens, slots, head_rows, sequences     flops(counts) -> float
+  evaluate(engine) -> dict     data_state() -> dict (collective)     total_steps: int
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from launch import dist
+from launch.run import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0  # real (non-pad) tokens trained, all ranks
+    samples: int = 0  # sequences trained, all ranks
+    skipped_steps: int = 0  # steps whose every micro-batch had a non-finite loss
+    bad_micro_batches: int = 0  # micro-batches dropped for a non-finite loss
+    elapsed_s: float = 0.0  # training wall time of earlier attempts (resumed runs)
+    best_metric: float | None = None
+    best_step: int | None = None
+
+
+class Trainer:
+    def __init__(self, *, cfg, info, engine, task, state: TrainState, accum: int, metrics, saver,
+                 stop_flag, trainer_extra, peak_flops: float | None):
+        self.cfg, self.info, self.engine, self.task = cfg, info, engine, task
+        self.state, self.accum, self.metrics, self.saver = state, accum, metrics, saver
+        self.stop_flag, self.trainer_extra, self.peak = stop_flag, trainer_extra, peak_flops
+        self.bad_in_row = 0
+        self.p_tokens = self.p_samples = 0  # this rank's counts not yet in state.tokens/samples
+        self._reset_meter()
+        self.t_start = time.time()
+
+    def fit(self) -> int:
+        """Train to task.total_steps; returns the process exit code."""
+        task, engine = self.task, self.engine
+        batches = task.batches()
+        while self.state.step < task.total_steps:
+            bad = 0
+            for i in range(self.accum):  # gradient accumulation over `accum` micro-batches
+                batch = next(batches)  # input_ids/labels/attention_mask: int64[B, L]
+                task.consumed(batch, self.state.step + 1)  # the data position this batch leaves
+                loss = task.forward(engine, batch)  # mean loss of the micro-batch, on every rank
+                if not self._all_finite(loss):  # NaN/inf on any rank: all ranks drop this micro-batch
+                    bad += 1
+                    loss = task.forward(engine, task.null_batch())  # zero loss, same collectives
+                engine.backward(loss)
+                with self._skip_update(bad == self.accum and i == self.accum - 1):
+                    engine.step()  # DeepSpeed runs the optimizer on the accumulation boundary
+                self._meter(batch, loss)
+            self.state.step += 1
+            code = self._after_step(bad)  # log, eval, checkpoint, signals, non-finite policy
+            if code is not None:
+                return code
+        return self._finish()
+
+    # -- between steps ---------------------------------------------------------------------------
+    def _after_step(self, bad: int) -> int | None:
+        step, cfg = self.state.step, self.cfg
+        self.state.bad_micro_batches += bad
+        self.state.skipped_steps += bad == self.accum
+        self.bad_in_row = self.bad_in_row + 1 if bad else 0
+        if bad:
+            self.metrics.info(f"WARNING: step {step}: {bad}/{self.accum} micro-batch(es) had a non-finite "
+                              f"loss and were dropped (train.nan_policy={cfg.train.nan_policy})")
+            if cfg.train.nan_policy == "stop" or self.bad_in_row >= cfg.train.max_bad_steps:
+                self.save()
+                self.metrics.info(f"stopping: non-finite loss at step {step}; the last good state is in "
+                                  f"{self.saver.root}; lower train.lr, use bf16/fp32, or inspect the data")
+                self.metrics.close()
+                return EXIT_NONFINITE
+        record = None
+        if step % cfg.log.every == 0 or step == self.task.total_steps:
+            record = self._log_record()
+            self.metrics.write(record)
+        self.metrics.step(step, record)
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < self.task.total_steps:
+            self.evaluate()
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            self.save()
+        if dist.all_reduce([float(self.stop_flag.signum)], "max")[0]:  # all ranks agree to stop
+            self.save()
+            self.metrics.info(f"signal received: checkpoint saved at step {step}; exiting with code "
+                              f"{EXIT_REQUEUE} (rerun the same command to resume)")
+            self.metrics.close()
+            return EXIT_REQUEUE
+        return None
+
+    def _finish(self) -> int:
+        self.evaluate()
+        self.save()  # the final checkpoint is also the source of output_dir/final
+        self.task.finish(self)
+        self.metrics.close()
+        return EXIT_OK
+
+    def evaluate(self) -> dict:
+        self.engine.eval()
+        with torch.no_grad():
+            result = self.task.evaluate(self.engine)
+        self.engine.train()
+        if result:
+            self.task.track_best(self.state, result)
+            self.metrics.write({"step": self.state.step, **result})
+            self.metrics.info(f"eval @ step {self.state.step}: "
+                              + " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+        return result
+
+    def save(self):
+        self._flush_totals()
+        trainer = {"state": asdict(self.state), **self.trainer_extra, **self.task.data_state()}
+        trainer["state"]["elapsed_s"] = self.state.elapsed_s + time.time() - self.t_start
+        return self.saver.save(self.engine, self.state.step, trainer)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        bad = 0.0 if torch.isfinite(loss.detach()).item() else 1.0
+        return dist.all_reduce([bad], "max")[0] == 0.0
+
+    @contextlib.contextmanager
+    def _skip_update(self, skip: bool):
+        """lr 0 for one optimizer step: parameters stay as they are when every micro-batch was bad."""
+        groups = self.engine.optimizer.param_groups if skip else []
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = 0.0
+        try:
+            yield
+        finally:
+            for g, lr in zip(groups, saved):
+                g["lr"] = lr
+
+    def _flush_totals(self):
+        """Add the not-yet-counted tokens/samples of all ranks to the run totals (one collective)."""
+        tokens, samples = dist.all_reduce([float(self.p_tokens), float(self.p_samples)], "sum")
+        self.state.tokens += int(tokens)
+        self.state.samples += int(samples)
+        self.p_tokens = self.p_samples = 0
+
+    def _reset_meter(self):
+        self.m_loss = 0.0
+        self.m_micro = 0
+        self.m_counts: dict[str, float] = {}
+        self.m_t0 = time.time()
+
+    def _meter(self, batch, loss):
+        self.m_loss += loss.detach().float()  # stays on the device: no sync per micro-batch
+        self.m_micro += 1
+        counts = self.task.counts(batch)
+        for k, v in counts.items():
+            self.m_counts[k] = self.m_counts.get(k, 0) + v
+        self.p_tokens += counts.get("real_tokens", 0)
+        self.p_samples += counts.get("sequences", 0)
+
+    def _log_record(self) -> dict:
+        keys = sorted(self.m_counts)
+        local = [float(self.m_loss), float(self.m_micro)] + [float(self.m_counts[k]) for k in keys]
+        tot = dist.all_reduce(local, "sum")
+        counts = dict(zip(keys, tot[2:]))
+        dt = max(time.time() - self.m_t0, 1e-9)
+        self._flush_totals()
+        flops = self.task.flops(counts)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"step": self.state.step, "loss": tot[0] / max(tot[1], 1),
+                  "lr": self.engine.get_lr()[0], "tokens": self.state.tokens,
+                  "samples": self.state.samples, "tokens_per_s": counts.get("real_tokens", 0) / dt,
+                  "samples_per_s": counts.get("sequences", 0) / dt,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "real_token_frac": counts.get("real_tokens", 0) / max(counts.get("slots", 1), 1),
+                  "skipped_steps": self.state.skipped_steps + int(getattr(self.engine, "skipped_steps", 0)),
+                  "time": round(self.state.elapsed_s + time.time() - self.t_start, 3)}
+        if self.peak and flops:
+            record["mfu"] = flops / dt / (self.peak * self.info.world_size)
+        if torch.cuda.is_available():
+            record["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        record.update(self.task.log_extra())
+        self._reset_meter()
+        return {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))} | {
+            "loss": record["loss"]}

@@ -1,0 +1,225 @@
+"""MLM pretraining: packed streaming blocks -> DeepSpeed engine -> metrics, checkpoints, final/ export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from launch import configlib, dist
+from launch.config import PretrainConfig
+from launch.metrics import arch_of, encoder_flops
+from launch.run import EXIT_CONFIG, fail, parse_args, seed_everything
+
+
+class PretrainTask:
+    def __init__(self, cfg: PretrainConfig, info, spec, hf_config, sparse: bool, session):
+        from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
+        from data.sources import file_sizes, resolve_files
+        from data.stream import StreamState, replan
+
+        self.cfg, self.info, self.spec, self.sparse = cfg, info, spec, sparse
+        self.arch = arch_of(hf_config)
+        self.total_steps = cfg.train.max_steps
+        self.workers = max(cfg.data.num_workers, 1)
+        d = cfg.data
+        self.settings = MLMSettings(d.block_size, cfg.train.micro_batch_size, d.mlm_probability,
+                                    d.whole_word_masking, cfg.train.seed, d.last_block, d.txt_documents,
+                                    d.text_field, d.max_chunk_bytes, d.encoding_errors, d.audit)
+        self.files = resolve_files(d.train_files)
+        self.sizes = file_sizes(self.files)
+        saved = session.saved
+        r, w = info.rank, self.workers
+        if saved is None:
+            states, self.rotation = initial_states(r, info.world_size, w), 0
+        else:
+            if saved["files"] != self.files or saved["sizes"] != self.sizes:
+                raise configlib.ConfigError([f"data.train_files changed since {session.resume_from}: the "
+                                             "files or their sizes differ, so the saved positions are "
+                                             "meaningless; restore the files or start a new output_dir"])
+            all_states = saved["streams"]
+            if session.resized:  # another world size / worker count: re-split the unread rest
+                new = replan([StreamState.from_dict(s) for s in all_states], self.sizes, info.world_size * w)
+                all_states, self.rotation = [s.to_dict() for s in new], 0
+            else:
+                self.rotation = saved["rotation"]
+            states = all_states[r * w:(r + 1) * w]
+        self.states = list(states)
+        self.dataset = MLMDataset(self.files, self.sizes, spec, self.settings, self.states, self.rotation)
+        self.loader = make_loader(self.dataset, d.num_workers)
+        self.batches_seen = 0
+        self.replaced = 0
+        self.audit_file = None
+        if d.audit:
+            (Path(cfg.output_dir) / "audit").mkdir(parents=True, exist_ok=True)
+            self.audit_file = open(Path(cfg.output_dir) / "audit" / f"rank_{r:05d}.jsonl", "a", buffering=1)
+            self.attempt = os.getpid()
+        self.eval_batches = None
+        self.device = dist.device()
+
+    # -- training data -----------------------------------------------------------------------------
+    def batches(self):
+        for batch in self.loader:
+            if batch["meta"]["n_blocks"] == 0:  # only a dropped epoch tail: keep its position, train nothing
+                self.consumed(batch, None)
+                continue
+            yield batch
+
+    def consumed(self, batch, step) -> None:
+        meta = batch["meta"]
+        state = meta["state"]
+        self.states[state["stream"] - self.info.rank * self.workers] = state
+        self.batches_seen += 1
+        self.replaced = max(self.replaced, meta.get("replaced_bytes", 0))
+        if self.audit_file is not None and meta["audit"]:
+            self.audit_file.write(json.dumps({"attempt": self.attempt, "step": step, "docs": meta["audit"],
+                                              "dropped": meta["dropped"] > 0}) + "\n")
+
+    def data_state(self) -> dict:
+        """Every stream's position (gathered from all ranks) + the worker rotation to continue with."""
+        gathered = dist.all_gather_object(self.states)
+        streams = sorted((s for rank_states in gathered for s in rank_states), key=lambda s: s["stream"])
+        return {"streams": streams, "workers": self.workers, "files": self.files, "sizes": self.sizes,
+                "rotation": (self.rotation + self.batches_seen) % self.workers}
+
+    def to_device(self, batch) -> dict:
+        full = batch["meta"]["n_real"] == batch["meta"]["n_slots"]
+        out = {"input_ids": batch["input_ids"].to(self.device, non_blocking=True),
+               "labels": batch["labels"].to(self.device, non_blocking=True)}
+        if not full:  # packed blocks are all real tokens: no mask lets SDPA take its fastest kernel
+            out["attention_mask"] = batch["attention_mask"].to(self.device, non_blocking=True)
+        return out
+
+    def forward(self, engine, batch):
+        return engine(**self.to_device(batch))
+
+    def null_batch(self):
+        ids = torch.full((1, 8), self.spec.pad_id, dtype=torch.long)
+        return {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids),
+                "meta": {"n_real": 8, "n_slots": 8}}
+
+    def counts(self, batch) -> dict:
+        m = batch["meta"]
+        masked = int((batch["labels"] != -100).sum())
+        return {"real_tokens": m["n_real"], "slots": m["n_slots"], "sequences": m["n_blocks"],
+                "masked": masked, "head_rows": masked if self.sparse else m["n_slots"]}
+
+    def flops(self, c: dict) -> float:
+        return encoder_flops(**self.arch, seq=self.settings.block_size, tokens=c.get("slots", 0),
+                             head_rows=c.get("head_rows", 0))
+
+    def log_extra(self) -> dict:
+        """Data position (collective): lowest epoch in flight, documents started, bytes replaced."""
+        docs, replaced, epoch = dist.all_reduce([float(sum(s["docs"] for s in self.states)),
+                                                 float(self.replaced)], "sum") + dist.all_reduce(
+            [float(min(s["epoch"] for s in self.states))], "min")
+        return {"epoch": int(epoch), "documents": int(docs), "replaced_bytes": int(replaced)}
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def evaluate(self, engine) -> dict:
+        if not self.cfg.data.eval_files:
+            return {}
+        batches = self._eval_batches()
+        n_max = int(dist.all_reduce([float(len(batches))], "max")[0])
+        loss_sum, n_masked = 0.0, 0
+        for i in range(n_max):  # every rank runs n_max forwards: ZeRO-3 gathers weights collectively
+            batch = batches[i] if i < len(batches) else self.null_batch()
+            loss = engine(**self.to_device(batch))
+            k = int((batch["labels"] != -100).sum())
+            loss_sum += float(loss) * k
+            n_masked += k
+        loss_sum, n_masked = dist.all_reduce([loss_sum, float(n_masked)], "sum")
+        eval_loss = loss_sum / max(n_masked, 1)
+        return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0)),
+                "eval_masked_tokens": int(n_masked)}
+
+    def _eval_batches(self) -> list:
+        """The rank's share of the eval set, masked deterministically; tokenized once and kept."""
+        if self.eval_batches is None:
+            from data.mlm import MLMDataset, initial_states
+            from data.sources import file_sizes, resolve_files
+
+            files = resolve_files(self.cfg.data.eval_files)
+            eval_settings = type(self.settings)(**{**vars(self.settings), "audit": False,
+                                                   "micro_batch_size": self.cfg.eval.micro_batch_size
+                                                   or self.cfg.train.micro_batch_size})
+            ds = MLMDataset(files, file_sizes(files), self.spec, eval_settings,
+                            initial_states(self.info.rank, self.info.world_size, 1), finite=True)
+            limit = self.cfg.eval.max_batches
+            self.eval_batches = []
+            for batch in ds:
+                if limit is not None and len(self.eval_batches) >= limit:
+                    break
+                if batch["meta"]["n_blocks"]:
+                    self.eval_batches.append(batch)
+        return self.eval_batches
+
+    def track_best(self, state, result) -> None:
+        if state.best_metric is None or result["eval_loss"] < state.best_metric:
+            state.best_metric, state.best_step = result["eval_loss"], state.step
+
+    def finish(self, trainer) -> None:
+        """output_dir/final: the last checkpoint exported to Hugging Face format (rank 0)."""
+        if self.audit_file is not None:
+            self.audit_file.close()
+        ckpt = trainer.saver.root / f"step_{trainer.state.step:08d}"
+        if self.info.is_main and ckpt.is_dir():
+            from launch.export import export
+
+            export(ckpt, Path(self.cfg.output_dir) / "final")
+            trainer.metrics.info(f"final model: {Path(self.cfg.output_dir) / 'final'}")
+        dist.barrier()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, "launch/pretrain.py", "MLM pretraining of BERT-style encoders under DeepSpeed.")
+    try:
+        cfg = configlib.load(PretrainConfig, args.config, args.overrides)
+    except configlib.ConfigError as e:
+        return fail(str(e))
+    if args.dry_run:
+        from launch.dryrun import dry_run_pretrain
+
+        return dry_run_pretrain(cfg)
+    info = dist.init(cfg.train.dist_timeout_s)
+    try:
+        return run(cfg, info)
+    except (configlib.ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    finally:
+        dist.destroy()
+
+
+def run(cfg: PretrainConfig, info) -> int:
+    from data.tokenize import load_hf_tokenizer, load_spec
+    from launch import session as sess
+    from model.build import load_mlm
+    from model.mlm import MaskedLM
+
+    spec = load_spec(cfg.tokenizer)
+    seed_everything(cfg.train.seed)
+    hf_model, hf_config = load_mlm(cfg.model, spec, cfg.train.seed)  # same initial weights on every rank
+    seed_everything(cfg.train.seed + 7919 * info.rank)  # distinct dropout per rank (restored on resume)
+    s = sess.plan(cfg, info, max(cfg.data.num_workers, 1), hf_config.hidden_size)
+    task = PretrainTask(cfg, info, spec, hf_config, cfg.model.sparse_mlm_head, s)
+    module = MaskedLM(hf_model, sparse_head=cfg.model.sparse_mlm_head)
+    if cfg.model.compile:
+        hf_model.base_model.compile()
+    hf_tok = load_hf_tokenizer(cfg.tokenizer)
+
+    def meta_writer(path: Path) -> None:
+        hf_config.save_pretrained(path)
+        hf_tok.save_pretrained(path)
+
+    from launch.tracking import make_tracker
+
+    tracker = make_tracker(cfg, info, s) if info.is_main else None
+    trainer = sess.start(s, module, task, tracker=tracker, meta_writer=meta_writer)
+    if s.resized:  # RNG streams cannot be re-split: reseed from (seed, rank, step)
+        seed_everything(cfg.train.seed + 7919 * info.rank + 104729 * trainer.state.step)
+    return trainer.fit()

@@ -1,0 +1,77 @@
+"""Build encoders: presets from transformers' BertConfig, or any local Hugging Face model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# (layers, hidden, heads, intermediate): Google's BERT sizes (+ a tiny one for tests).
+PRESETS = {
+    "tiny": (2, 64, 2, 256),
+    "mini": (4, 256, 4, 1024),
+    "small": (4, 512, 8, 2048),
+    "bert-base": (12, 768, 12, 3072),
+    "bert-large": (24, 1024, 16, 4096),
+}
+
+
+def preset_config(name: str, vocab_size: int, pad_id: int, max_positions: int = 512,
+                  attn_implementation: str = "sdpa"):
+    from transformers import BertConfig
+
+    layers, hidden, heads, inter = PRESETS[name]
+    return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, intermediate_size=inter, pad_token_id=pad_id,
+                      max_position_embeddings=max_positions, attn_implementation=attn_implementation)
+
+
+def apply_dropout(config, hidden: float | None, attention: float | None) -> None:
+    if hidden is not None:
+        config.hidden_dropout_prob = hidden
+    if attention is not None:
+        config.attention_probs_dropout_prob = attention
+
+
+def check_vocab(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
+    if tokenizer_vocab > model_vocab:
+        raise ValueError(f"{where}: the tokenizer has {tokenizer_vocab} tokens but the model's embedding has "
+                         f"{model_vocab}: ids past {model_vocab - 1} would crash; use the tokenizer that was "
+                         "trained with this model (set tokenizer=<model folder>)")
+
+
+def load_mlm(model_cfg, spec, seed: int):
+    """-> (transformers masked-LM model, its config). Weights are initialised from `seed`."""
+    from transformers import AutoConfig, AutoModelForMaskedLM, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    if model_cfg.preset:
+        config = preset_config(model_cfg.preset, spec.vocab_size, spec.pad_id,
+                               model_cfg.max_position_embeddings, model_cfg.attn_implementation)
+        apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
+        model = BertForMaskedLM(config)
+    else:
+        path = resolve_model_dir(model_cfg.pretrained)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
+        model = AutoModelForMaskedLM.from_pretrained(path, config=config, attn_implementation=
+                                                     model_cfg.attn_implementation,
+                                                     trust_remote_code=model_cfg.trust_remote_code)
+    check_vocab(model.get_input_embeddings().num_embeddings, spec.vocab_size,
+                model_cfg.pretrained or f"preset {model_cfg.preset}")
+    return model, config
+
+
+def resolve_model_dir(path: str) -> str:
+    """Accept an HF folder, our run's output_dir (-> final/) or a checkpoint folder (-> its hf/ export)."""
+    p = Path(path)
+    for cand in (p, p / "final", p / "hf"):
+        if (cand / "config.json").is_file():
+            return str(cand)
+    raise FileNotFoundError(f"model.pretrained: no config.json in '{path}' (nor in final/ or hf/ below it); "
+                            "export a checkpoint first: python -m launch.export CHECKPOINT OUT")
+
+
+def count_params(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
