@@ -97,7 +97,10 @@ def initial_states(rank: int, world_size: int, workers: int) -> list[dict]:
     return [StreamState(rank * workers + w, n).to_dict() for w in range(workers)]
 
 
-def make_loader(dataset: MLMDataset, num_workers: int, prefetch_factor: int = 4) -> DataLoader:
+def make_loader(dataset, num_workers: int, prefetch_factor: int = 4, collate_fn=None) -> DataLoader:
+    """Batches come pre-collated from the dataset. The loader gets a generator of its own: creating its
+    iterator draws worker seeds, which must not consume the global torch RNG that dropout uses (a
+    resumed run creates the iterator at another point of that RNG stream)."""
     kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers else {}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      **kwargs)
+                      generator=torch.Generator().manual_seed(0), collate_fn=collate_fn, **kwargs)

@@ -104,11 +104,27 @@ def schedule(name: str, warmup: int, total: int):
 
 
 def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, lr_schedule):
+    """AdamW is torch's own (fused on CUDA), handed to DeepSpeed: its bias correction is computed from
+    the saved step count, so a resumed run updates bit-identically. (DeepSpeed's CPU Adam advances
+    beta^t by multiplication in C++ and recomputes it with pow() after a load: last-bit drift.)
+    Other optimizer types in the JSON are left to DeepSpeed."""
     import deepspeed
 
+    ds_config = dict(ds_config)
+    opt_cfg = ds_config.get("optimizer", {})
+    optimizer = None
+    groups = param_groups(module, weight_decay)
+    if str(opt_cfg.get("type", "")).lower() == "adamw":
+        p = opt_cfg.get("params", {})
+        ds_config.pop("optimizer")
+        optimizer = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
+                                      weight_decay=weight_decay, fused=torch.cuda.is_available() or None)
+        zero = ds_config.setdefault("zero_optimization", {})
+        if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
+            zero.setdefault("zero_force_ds_cpu_optimizer", False)  # keep the exact optimizer when offloading
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=module, model_parameters=param_groups(module, weight_decay), config=ds_config,
-        lr_scheduler=lr_schedule)
+        model=module, model_parameters=None if optimizer else groups, optimizer=optimizer,
+        config=ds_config, lr_scheduler=lr_schedule)
     _keep_fp32_clip_norm(engine)
     return engine, optimizer, scheduler
 
