@@ -116,44 +116,41 @@ class TextStream:
         return sum(r.replaced for r in self.readers)
 
     def _pieces(self, st: StreamState, segs: list[Segment]):
-        """(seg_idx, Piece) from the stream's position to the end of its epoch plan."""
+        """(seg_idx, Piece, tokens to skip) from the stream's position to the end of its epoch plan.
+
+        A segment with `resume` starts at a saved piece: its first `skip` tokens were trained before."""
         for i in range(st.seg_idx, len(segs)):
             seg = segs[i]
             if i == st.seg_idx and st.pos is not None:
                 off, used, start, doc_off = st.pos
                 seg = Segment(seg.file, off, max(off, seg.hi), (used, start, doc_off))
+            skip = seg.resume[0] if seg.resume is not None else 0
             for piece in self.readers[seg.file].pieces(seg):
-                yield i, piece
+                yield i, piece, skip
+                skip = 0
 
     def _tokenized(self, st: StreamState, segs: list[Segment]):
         """PieceTokens in stream order, tokenized in batches of about READ_BATCH_BYTES of text."""
         spec, batch, size = self.spec, [], 0
         cls_, sep_ = np.array([spec.cls_id], np.int32), np.array([spec.sep_id], np.int32)
-        first = st.pos is not None
 
         def flush():
-            for (i, p), ids in zip(batch, spec.encode([p.text for _, p in batch])):
+            for (i, p, skip), ids in zip(batch, spec.encode([p.text for _, p, _ in batch])):
                 toks = np.asarray(ids, dtype=np.int32)
                 if p.doc_start:
                     toks = np.concatenate([cls_, toks])
                 if p.doc_end:
                     toks = np.concatenate([toks, sep_])
                 doc_id = segs[i].file * (1 << 40) + p.doc_offset
-                yield PieceTokens(i, p.offset, p.doc_start, toks, 0, p.doc_offset, doc_id)
+                yield PieceTokens(i, p.offset, p.doc_start, toks, skip, p.doc_offset, doc_id)
 
-        for i, piece in self._pieces(st, segs):
-            batch.append((i, piece))
-            size += len(piece.text)
+        for item in self._pieces(st, segs):
+            batch.append(item)
+            size += len(item[1].text)
             if size >= READ_BATCH_BYTES:
-                for rec in flush():
-                    if first:  # the saved piece: skip the tokens trained before the checkpoint
-                        rec.used, first = st.pos[1], False
-                    yield rec
+                yield from flush()
                 batch, size = [], 0
-        for rec in flush():
-            if first:
-                rec.used, first = st.pos[1], False
-            yield rec
+        yield from flush()
 
     def __iter__(self):
         st = self.state
@@ -161,16 +158,6 @@ class TextStream:
             segs = st.plan(self.sizes)
             fresh = st.segments is None
             packer, got_tokens = Packer(self.block_size), False
-
-            def emit(tokens, start, audit):
-                seg_i, off, used, _, _ = start
-                key = block_key(self.seed, st.epoch, segs[seg_i].file, off, used)
-                pos = packer.position()
-                st.blocks += 1
-                if pos is not None:
-                    st.seg_idx, st.pos = pos[0], tuple(pos[1:])
-                return Block(tokens, key, st.to_dict(), audit)
-
             for rec in self._tokenized(st, segs):
                 if rec.doc_start and rec.used == 0:
                     st.docs += 1
@@ -179,8 +166,7 @@ class TextStream:
                 while packer.full():
                     start, audit = packer.position(), ([] if self.audit else None)
                     tokens = packer.take(audit=audit)
-                    yield emit(tokens, start, [(st.epoch, d, n) for d, n in audit] if audit is not None
-                               else None)
+                    yield self._emit(st, segs, packer, tokens, start, audit)
             if fresh and not got_tokens and st.pos is None:
                 raise DataError(f"stream {st.stream} of {st.num_streams} got no documents: the corpus "
                                 f"({len(self.files)} file(s)) has fewer documents than world_size x "
@@ -198,6 +184,17 @@ class TextStream:
                 yield Block(tail[:0], key, st.to_dict(), audit, dropped=len(tail))
             if self.finite:
                 return
+
+    def _emit(self, st: StreamState, segs, packer: Packer, tokens, start, audit) -> Block:
+        """A full block; the stream state moves to the first token not yet emitted."""
+        seg_i, off, used, _, _ = start
+        key = block_key(self.seed, st.epoch, segs[seg_i].file, off, used)
+        pos = packer.position()
+        st.blocks += 1
+        if pos is not None:
+            st.seg_idx, st.pos = pos[0], tuple(pos[1:])
+        audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
+        return Block(tokens, key, st.to_dict(), audit)
 
     def _next_epoch(self, st: StreamState) -> None:
         st.epoch += 1

@@ -114,7 +114,7 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def find_resume(root: Path, log=print) -> Path | None:
     """Newest checkpoint whose manifest verifies; warns about (and skips) broken newer ones."""
-    for step, path in reversed(list_checkpoints(root)):
+    for _, path in reversed(list_checkpoints(root)):
         reason = verify(path)
         if reason is None:
             return path

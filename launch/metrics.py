@@ -73,7 +73,8 @@ class MetricsLog:
         self.previous_max_step = 0
         if not enabled:
             return
-        self.previous_max_step = truncate_after(self.path, start_step)  # a resumed run rewrites the steps after its checkpoint
+        # a resumed run rewrites the steps after its checkpoint
+        self.previous_max_step = truncate_after(self.path, start_step)
         self.file = open(self.path, "a", buffering=1)
         if progress and sys.stdout.isatty():
             from tqdm.auto import tqdm

@@ -76,8 +76,8 @@ class Checkpointer:
             if self.info.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
                 prev = list_checkpoints(self.root)
-                self.log(f"ERROR: checkpoint at step {step} failed ({error or 'on another rank'}); "
-                         f"{'the previous checkpoint ' + str(prev[-1][1]) + ' is intact' if prev else 'no earlier checkpoint exists'}; "
+                kept = f"the previous checkpoint {prev[-1][1]} is intact" if prev else "no earlier checkpoint exists"
+                self.log(f"ERROR: checkpoint at step {step} failed ({error or 'on another rank'}); {kept}; "
                          "training continues")
             return None
         return final

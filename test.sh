@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (setup.sh) and run the whole test suite on the CPU, slow multi-rank tests included.
+#   bash test.sh                 # everything CI runs
+#   bash test.sh -m "not slow"   # the quick unit tests only (extra args go to pytest)
+set -euo pipefail
+cd "$(dirname "$0")"
+bash setup.sh
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
+ruff check .
+# a one-node SLURM for the tests marked `slurm` (skipped, and said so, where it cannot be started)
+if [ -x slurm/ci/start_cluster.sh ]; then bash slurm/ci/start_cluster.sh || echo "test.sh: SLURM not started"; fi
+# pytest's own exit code is kept: 5 (no tests collected) fails like any other failure
+python -m pytest -q --durations=15 "$@" tests/

@@ -1,0 +1,116 @@
+"""Config: YAML + overrides, unknown keys, all problems at once, batch arithmetic, DeepSpeed JSON checks."""
+
+import subprocess
+import sys
+
+import pytest
+
+from launch import configlib
+from launch.config import PretrainConfig, batch_arithmetic, load_pretrain
+from launch.engine import fill_ds_config, load_ds_json
+from tests.helpers import REPO, write_yaml
+
+
+def base(tmp_path, **extra):
+    data = {"output_dir": str(tmp_path / "out"), "model": {"preset": "tiny"},
+            "data": {"train_files": ["embedded:pydoc"]}}
+    for k, v in extra.items():
+        data[k] = v
+    return write_yaml(tmp_path / "c.yaml", data)
+
+
+def test_overrides_are_typed_and_nested(tmp_path):
+    cfg = load_pretrain(str(base(tmp_path)), ["train.lr=3e-4", "data.block_size=256", "train.max_steps=7",
+                                              "log.wandb.tags=[a, b]", "train.global_batch_size=null"])
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.data.block_size == 256 and cfg.train.max_steps == 7
+    assert cfg.log.wandb.tags == ["a", "b"] and cfg.train.global_batch_size is None
+
+
+def test_yaml_string_numbers_accepted(tmp_path):
+    path = base(tmp_path, train={"lr": "5e-5"})  # YAML 1.1 reads 5e-5 as a string
+    assert load_pretrain(str(path)).train.lr == 5e-5
+
+
+def test_unknown_keys_did_you_mean_and_all_problems_at_once(tmp_path):
+    path = base(tmp_path, train={"lerning_rate": 1e-4, "max_steps": "many", "precision": "fp8"},
+                data={"train_files": ["embedded:pydoc"], "blok_size": 64})
+    with pytest.raises(configlib.ConfigError) as e:
+        load_pretrain(str(path), ["log.evry=3"])
+    msg = str(e.value)
+    assert "unknown key 'train.lerning_rate'" in msg and "did you mean 'lr'" not in msg  # too far for a guess
+    assert "unknown key 'data.blok_size' (did you mean 'block_size'?)" in msg
+    assert "unknown key 'log.evry' (did you mean 'every'?)" in msg
+    assert "train.max_steps: expected an integer, got 'many'" in msg
+    assert "train.precision: must be one of 'auto', 'fp32', 'fp16', 'bf16', got 'fp8'" in msg
+    assert len(e.value.problems) == 5
+
+
+def test_cross_field_validation_reports_everything(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"model": {"preset": "huge"},
+                                            "data": {"train_files": ["nope/*.txt"], "mlm_probability": 1.5},
+                                            "deepspeed": {"config": "ds_configs/zero9.json"}})
+    with pytest.raises(configlib.ConfigError) as e:
+        load_pretrain(str(path))
+    msg = str(e.value)
+    for fragment in ("missing required key 'output_dir'", "model.preset 'huge' is not one of",
+                     "data.train_files: 'nope/*.txt' matches no file", "data.mlm_probability must be in (0, 1)",
+                     "deepspeed.config: 'ds_configs/zero9.json' does not exist"):
+        assert fragment in msg, fragment
+
+
+def test_preset_and_pretrained_exclusive(tmp_path):
+    with pytest.raises(configlib.ConfigError, match="exactly one of model.preset"):
+        load_pretrain(str(base(tmp_path)), ["model.pretrained=" + str(tmp_path)])
+
+
+def test_block_size_vs_positions(tmp_path):
+    with pytest.raises(configlib.ConfigError, match="data.block_size=1024 exceeds model.max_position_embeddings"):
+        load_pretrain(str(base(tmp_path)), ["data.block_size=1024"])
+
+
+@pytest.mark.parametrize("micro,glob,world,accum", [(8, None, 4, 1), (8, 64, 2, 4), (4, 32, 8, 1)])
+def test_batch_arithmetic(micro, glob, world, accum):
+    cfg = PretrainConfig(output_dir="x")
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = micro, glob
+    assert batch_arithmetic(cfg.train, world) == (accum, [])
+
+
+def test_batch_arithmetic_suggests_valid_sizes():
+    cfg = PretrainConfig(output_dir="x")
+    cfg.train.micro_batch_size, cfg.train.global_batch_size = 8, 100
+    accum, problems = batch_arithmetic(cfg.train, 2)
+    assert accum == 0
+    assert problems == ["train.global_batch_size=100 is not a multiple of micro_batch_size x world_size = "
+                        "8 x 2 = 16: use 96 or 112, or change train.micro_batch_size"]
+
+
+def test_ds_json_auto_filled_and_conflicts_named():
+    ds = load_ds_json(str(REPO / "ds_configs" / "zero2.json"))
+    filled, problems = fill_ds_config(ds, micro=8, accum=2, world=2, precision="bf16", lr=1e-4,
+                                      betas=[0.9, 0.98], eps=1e-6, weight_decay=0.01, grad_clip=1.0)
+    assert problems == []
+    assert filled["train_batch_size"] == 32 and filled["gradient_accumulation_steps"] == 2
+    assert filled["bf16"]["enabled"] is True and filled["fp16"]["enabled"] is False
+    assert filled["optimizer"]["params"] == {"lr": 1e-4, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.01}
+    ds["train_micro_batch_size_per_gpu"] = 4
+    ds["bf16"] = {"enabled": True}
+    _, problems = fill_ds_config(ds, micro=8, accum=1, world=1, precision="fp32", lr=1e-4, betas=[0.9, 0.999],
+                                 eps=1e-8, weight_decay=0.0, grad_clip=1.0, source="zero2.json")
+    assert any('"train_micro_batch_size_per_gpu" is 4 but the run config gives 8 (train.micro_batch_size)' in p
+               for p in problems)
+    assert any('"bf16.enabled" is True but the run config gives False (train.precision)' in p for p in problems)
+
+
+def test_shipped_configs_validate():
+    for name in ("tiny_debug.yaml", "demo.yaml"):
+        load_pretrain(str(REPO / "configs" / name))
+
+
+def test_validation_does_not_rely_on_assert(tmp_path):
+    """Under python -O asserts vanish; the same errors must still be raised."""
+    path = base(tmp_path, train={"max_steps": 0, "lr": -1})
+    code = (f"from launch.config import load_pretrain\n"
+            f"try:\n    load_pretrain({str(path)!r})\nexcept Exception as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], cwd=REPO, capture_output=True, text=True).stdout
+    assert "train.max_steps must be >= 1, got 0" in out and "train.lr must be > 0, got -1.0" in out

@@ -1,0 +1,166 @@
+"""Sharding: every document is read by exactly one (rank, worker) stream, whatever the file layout."""
+
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+
+from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
+from data.sources import PieceReader, Segment, file_sizes, partition
+from data.stream import StreamState, TextStream, replan
+from data.tokenize import load_spec
+from tests.helpers import make_corpus
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec("bert-base-uncased")
+
+
+def reference_docs(path, mode):
+    text = open(path, encoding="utf-8").read()
+    if path.endswith(".jsonl"):
+        return [json.loads(x)["text"] for x in text.splitlines() if x.strip() and json.loads(x)["text"].strip()]
+    if mode == "line":
+        return [x for x in text.split("\n") if x.strip()]
+    docs, cur = [], []
+    for line in text.split("\n"):
+        if line.strip():
+            cur.append(line)
+        elif cur:
+            docs.append("\n".join(cur))
+            cur = []
+    return docs + (["\n".join(cur)] if cur else [])
+
+
+def read_stream_docs(files, segs, mode, max_chunk=1 << 20):
+    """Documents (as text) that one stream reads, by joining its pieces."""
+    docs, cur = [], None
+    for seg in segs:
+        reader = PieceReader(files[seg.file], mode, "text", max_chunk, "strict")
+        for p in reader.pieces(seg):
+            cur = p.text if p.doc_start else cur + p.text
+            if p.doc_end:
+                docs.append(cur.rstrip("\n"))
+    return docs
+
+
+def uneven_files(tmp_path, mode, n_files=3):
+    sizes = [1, 40, 7, 300, 2][:n_files]
+    return [str(make_corpus(tmp_path / f"f{i}.txt", n, seed=i, mode=mode)) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("mode", ["blank_line", "line"])
+@pytest.mark.parametrize("n_files,n_streams", [(3, 4), (5, 2), (1, 4), (5, 7), (2, 1)])
+def test_every_document_exactly_once(tmp_path, mode, n_files, n_streams):
+    files = uneven_files(tmp_path, mode, n_files)
+    expected = Counter(d for f in files for d in reference_docs(f, mode))
+    parts = partition(file_sizes(files), n_streams)
+    got = Counter(d for segs in parts for d in read_stream_docs(files, segs, mode))
+    assert got == expected
+    assert sum(expected.values()) == sum(len(reference_docs(f, mode)) for f in files)
+
+
+def test_jsonl_documents_and_blank_records(tmp_path):
+    path = tmp_path / "c.jsonl"
+    rows = [{"text": f"record {i} " + "word " * (i % 13), "id": i} for i in range(200)]
+    rows.insert(50, {"text": "   ", "id": -1})  # whitespace-only: not a document
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    files = [str(path)]
+    expected = Counter(reference_docs(files[0], "line"))
+    got = Counter(d for segs in partition(file_sizes(files), 3) for d in read_stream_docs(files, segs, "line"))
+    assert got == expected and len(expected) == 200
+
+
+def test_long_line_streams_in_pieces(tmp_path, spec):
+    """A 3 MB line is read in <= 64 KB pieces cut at whitespace; its tokens equal the whole line's."""
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "épsilon", "zeta"]
+    line = " ".join(rng.choice(words) for _ in range(450_000))
+    path = tmp_path / "long.txt"
+    path.write_text("short doc one\n" + line + "\nshort doc two\n")
+    reader = PieceReader(str(path), "line", "text", 1 << 16, "strict")
+    pieces = list(reader.pieces(Segment(0, 0, path.stat().st_size)))
+    assert len(pieces) > 40 and max(len(p.text.encode()) for p in pieces) <= 1 << 16
+    assert [p.doc_start for p in pieces].count(True) == 3 and [p.doc_end for p in pieces].count(True) == 3
+    stream = TextStream([str(path)], file_sizes([str(path)]), spec, mode="line", text_field="text",
+                        max_chunk_bytes=1 << 16, errors="strict", block_size=128, seed=0, last_block="pad",
+                        state=StreamState(0, 1), finite=True)
+    ours = torch.tensor([t for b in stream for t in b.tokens.tolist()])
+    ref = []
+    for text in ["short doc one", line, "short doc two"]:
+        ref += [spec.cls_id] + spec.encode([text])[0] + [spec.sep_id]
+    assert torch.equal(ours, torch.tensor(ref))
+
+
+def audit_loader(files, spec, world, workers, block=32, micro=4):
+    """Run the real loader (worker processes) for every rank, one epoch; doc -> tokens trained."""
+    settings = MLMSettings(block, micro, 0.15, False, 0, audit=True)
+    per_doc = Counter()
+    for rank in range(world):
+        ds = MLMDataset(files, file_sizes(files), spec, settings, initial_states(rank, world, workers),
+                        finite=True)
+        for batch in make_loader(ds, workers):
+            for _, doc, n in batch["meta"]["audit"]:
+                per_doc[doc] += n
+    return per_doc
+
+
+def doc_token_counts(files, spec, mode="blank_line"):
+    out = {}
+    for fi, f in enumerate(files):
+        reader = PieceReader(f, mode, "text", 1 << 20, "strict")
+        for p in reader.pieces(Segment(0, 0, file_sizes([f])[0])):
+            key = fi * (1 << 40) + p.doc_offset
+            out[key] = out.get(key, 0) + len(spec.encode([p.text])[0]) + p.doc_start + p.doc_end
+    return out
+
+
+def test_two_ranks_two_workers_real_loader(tmp_path, spec):
+    files = uneven_files(tmp_path, "blank_line", 3)
+    expected = doc_token_counts(files, spec)
+    assert audit_loader(files, spec, world=2, workers=2) == expected
+    assert audit_loader(files, spec, world=1, workers=1) == expected
+
+
+def consume(state_dict, files, spec, n_blocks, block=32):
+    """Blocks of one stream from a saved state; returns (docs->tokens of those blocks, state after)."""
+    stream = TextStream(files, file_sizes(files), spec, mode="blank_line", text_field="text",
+                        max_chunk_bytes=1 << 20, errors="strict", block_size=block, seed=0, last_block="pad",
+                        state=StreamState.from_dict(state_dict), finite=True, audit=True)
+    seen, state, blocks = Counter(), state_dict, []
+    for i, b in enumerate(stream):
+        if i == n_blocks:
+            break
+        for _, doc, n in b.audit:
+            seen[doc] += n
+        state, blocks = b.state, blocks + [b.tokens.tolist()]
+    return seen, state, blocks
+
+
+def test_resume_from_any_block_is_exact(tmp_path, spec):
+    files = uneven_files(tmp_path, "blank_line", 3)
+    start = StreamState(1, 3).to_dict()
+    _, _, all_blocks = consume(start, files, spec, 10_000)
+    for k in (0, 1, 7, len(all_blocks) - 1):
+        _, state, _ = consume(start, files, spec, k)
+        _, _, rest = consume(state, files, spec, 10_000)
+        assert rest == all_blocks[k:], k
+
+
+@pytest.mark.parametrize("old_n,new_n", [(3, 2), (1, 2), (2, 1), (4, 3)])
+def test_replan_keeps_exactly_once(tmp_path, spec, old_n, new_n):
+    """Stop every stream at a different point, re-split the rest over new_n streams: no doc lost or repeated."""
+    files = uneven_files(tmp_path, "blank_line", 4)
+    sizes = file_sizes(files)
+    seen, states = Counter(), []
+    for s in range(old_n):
+        got, state, _ = consume(StreamState(s, old_n).to_dict(), files, spec, 3 + 5 * s)
+        seen += got
+        states.append(StreamState.from_dict(state))
+    for new in replan(states, sizes, new_n):
+        got, _, _ = consume(new.to_dict(), files, spec, 10_000)
+        seen += got
+    assert seen == doc_token_counts(files, spec)
