@@ -101,6 +101,16 @@ def make_loader(dataset, num_workers: int, prefetch_factor: int = 4, collate_fn=
     """Batches come pre-collated from the dataset. The loader gets a generator of its own: creating its
     iterator draws worker seeds, which must not consume the global torch RNG that dropout uses (a
     resumed run creates the iterator at another point of that RNG stream)."""
-    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers else {}
+    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False,
+              "worker_init_fn": ignore_stop_signals} if num_workers else {}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
                       generator=torch.Generator().manual_seed(0), collate_fn=collate_fn, **kwargs)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """Schedulers signal every process of a job. Workers must survive SIGTERM/SIGUSR1 so the training
+    process can fetch batches up to the step boundary where it checkpoints; it ends them itself."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)

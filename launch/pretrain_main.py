@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from launch import configlib, dist
+from launch.checkpoint import CheckpointError
 from launch.config import PretrainConfig
 from launch.metrics import arch_of, encoder_flops
 from launch.run import EXIT_CONFIG, fail, parse_args, seed_everything
@@ -57,7 +58,8 @@ class PretrainTask:
         if d.audit:
             (Path(cfg.output_dir) / "audit").mkdir(parents=True, exist_ok=True)
             self.audit_file = open(Path(cfg.output_dir) / "audit" / f"rank_{r:05d}.jsonl", "a", buffering=1)
-            self.attempt = os.getpid()
+            # one id per attempt, the same on all ranks: later attempts (resumes) supersede earlier ones
+            self.attempt = dist.all_gather_object(time.time())[0]
         self.eval_batches = None
         self.device = dist.device()
 
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
     info = dist.init(cfg.train.dist_timeout_s)
     try:
         return run(cfg, info)
-    except (configlib.ConfigError, ValueError, FileNotFoundError) as e:
+    except (configlib.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:
@@ -220,6 +222,6 @@ def run(cfg: PretrainConfig, info) -> int:
 
     tracker = make_tracker(cfg, info, s) if info.is_main else None
     trainer = sess.start(s, module, task, tracker=tracker, meta_writer=meta_writer)
-    if s.resized:  # RNG streams cannot be re-split: reseed from (seed, rank, step)
+    if s.saved and s.saved["world_size"] != info.world_size:  # RNG streams cannot be re-split: reseed
         seed_everything(cfg.train.seed + 7919 * info.rank + 104729 * trainer.state.step)
     return trainer.fit()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -108,13 +108,13 @@ class Checkpointer:
                                   "or set train.resume=none to start fresh")
         return trainer
 
-    def restore(self, engine, ckpt: Path, resized: bool) -> None:
-        tag_dir = ckpt / ("universal" if resized else "ds")
+    def restore(self, engine, ckpt: Path, universal: bool, same_ranks: bool) -> None:
+        tag_dir = ckpt / ("universal" if universal else "ds")
         path, _ = engine.load_checkpoint(str(tag_dir), tag=DS_TAG, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:  # DeepSpeed returns (None, None) instead of raising
             raise CheckpointError(f"DeepSpeed found no engine state under {tag_dir}/{DS_TAG}")
-        if not resized:
+        if same_ranks:  # per-rank RNG streams only make sense for the same ranks
             set_rng_state(load_client(ckpt, self.info.rank))
 
     def to_universal(self, ckpt: Path) -> None:
@@ -124,7 +124,8 @@ class Checkpointer:
             work = ckpt / ".universal-tmp"
             shutil.rmtree(work, ignore_errors=True)
             cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(ckpt / "ds" / DS_TAG), "--output_folder", str(work / DS_TAG), "--no_strict"]
+                   str(ckpt / "ds" / DS_TAG), "--output_folder", str(work / DS_TAG), "--no_strict",
+                   "--inject_missing_state"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode:
                 raise CheckpointError(f"converting {ckpt} to DeepSpeed's universal format failed:\n"
@@ -134,10 +135,10 @@ class Checkpointer:
 
 
 def _maybe_fail_for_test(step: int) -> None:
-    """Fault injection for the disk-full tests: BERTLAUNCH_FAIL_SAVE_AT=<step> raises ENOSPC."""
+    """Fault injection for the tests (never set in normal use): BERTLAUNCH_FAIL_SAVE_AT=<step> raises
+    ENOSPC while saving; BERTLAUNCH_KILL_IN_SAVE_AT=<step> SIGKILLs the process mid-save."""
     if os.environ.get("BERTLAUNCH_FAIL_SAVE_AT") == str(step):
         raise OSError(28, "No space left on device (injected by BERTLAUNCH_FAIL_SAVE_AT)")
+    if os.environ.get("BERTLAUNCH_KILL_IN_SAVE_AT") == str(step):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
 
-
-def format_exc() -> str:
-    return traceback.format_exc(limit=3)

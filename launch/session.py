@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch import configlib, dist
+from launch.checkpoint import DS_TAG
 from launch.config import batch_arithmetic
 from launch.engine import build_engine, fill_ds_config, load_ds_json, resolve_precision, schedule, zero_stage
 from launch.loop import Trainer, TrainState
@@ -62,10 +63,15 @@ def plan(cfg, info: dist.DistInfo, workers: int, hidden_size: int | None = None)
             raise configlib.ConfigError([f"checkpoint {ckpt} was written by {saved['world_size']} rank(s) x "
                                          f"{saved['workers']} worker(s), this run has {info.world_size} x "
                                          f"{workers}: set checkpoint.allow_resize=true to convert it"])
-        if resized and saved["world_size"] != info.world_size:
-            saver.to_universal(ckpt)
+        if resized and saved["world_size"] != info.world_size and partitioned(ckpt):
+            saver.to_universal(ckpt)  # ZeRO partitions are per rank: re-split them via the universal format
             ds["checkpoint"] = {"load_universal": True}
     return Session(cfg, info, accum, precision, ds, saver, ckpt, saved, bool(resized))
+
+
+def partitioned(ckpt: Path) -> bool:
+    """Does the checkpoint hold per-rank optimizer partitions? (Stage 0 in fp32 keeps one whole state.)"""
+    return any((ckpt / "ds" / DS_TAG).glob("*optim_states.pt"))
 
 
 def fill_zero_auto(ds: dict, hidden: int | None) -> None:
@@ -85,7 +91,8 @@ def start(s: Session, module, task, tracker=None, meta_writer=None) -> Trainer:
                                 schedule(cfg.train.schedule, cfg.train.warmup_steps, task.total_steps))
     state = TrainState()
     if s.resume_from is not None:
-        s.saver.restore(engine, s.resume_from, s.resized and s.saved["world_size"] != info.world_size)
+        universal = s.ds_config.get("checkpoint", {}).get("load_universal", False)
+        s.saver.restore(engine, s.resume_from, universal, same_ranks=s.saved["world_size"] == info.world_size)
         state = TrainState(**s.saved["state"])
         log0(info)(f"resumed from {s.resume_from} at step {state.step}"
                    + (f" (resized from {s.saved['world_size']} rank(s) x {s.saved['workers']} worker(s))"

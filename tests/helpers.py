@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from launch.check_resume import compare, kill_when, last_step, launch_command, losses  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -32,19 +31,13 @@ def env(**extra) -> dict:
 
 
 def command(entry: str, ranks: int, config: str | Path | None, overrides: list[str]) -> list[str]:
-    script = str(REPO / "launch" / f"{entry}.py")
-    args = (["--config", str(config)] if config else []) + list(overrides)
-    if ranks == 0:
-        return [sys.executable, script] + args
-    port = 29500 + (os.getpid() * 7 + int(time.time() * 1000)) % 20000
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(port), script] + args
+    return launch_command(entry, ranks, config, overrides)
 
 
-def run(entry: str, ranks: int, config, overrides, timeout: int = 600, check: bool = True, **env_extra):
+def run(entry: str, ranks: int, config, overrides, timeout: int = 900, check: bool = True, **env_extra):
     """ranks=0: plain `python launch/<entry>.py` (single process); else the deepspeed launcher."""
     proc = subprocess.run(command(entry, ranks, config, overrides), cwd=REPO, env=env(**env_extra),
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, start_new_session=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
@@ -52,46 +45,14 @@ def run(entry: str, ranks: int, config, overrides, timeout: int = 600, check: bo
 
 
 def run_and_kill(entry: str, ranks: int, config, overrides, out_dir: Path, kill_after_step: int,
-                 timeout: int = 600, **env_extra):
-    """Start a run in its own process group; SIGKILL the whole group once metrics.jsonl reaches the step."""
-    proc = subprocess.Popen(command(entry, ranks, config, overrides), cwd=REPO, env=env(**env_extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.time() + timeout
-    try:
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended (exit {proc.returncode}) before step {kill_after_step}:\n"
-                                     + proc.stdout.read()[-6000:])
-            if last_step(out_dir / "metrics.jsonl") >= kill_after_step:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                return last_step(out_dir / "metrics.jsonl")
-            time.sleep(0.05)
-        raise AssertionError("timed out waiting for the run to reach the kill step")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def last_step(metrics: Path) -> int:
-    if not metrics.is_file():
-        return 0
-    best = 0
-    for line in metrics.read_text().splitlines():
-        try:
-            best = max(best, json.loads(line).get("step", 0))
-        except json.JSONDecodeError:
-            pass
-    return best
+                 timeout: int = 900, **env_extra) -> int:
+    """SIGKILL the whole process group once metrics.jsonl reaches the step; returns the last logged step."""
+    return kill_when(command(entry, ranks, config, overrides), Path(out_dir), kill_after_step,
+                     env=env(**env_extra), timeout=timeout)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-
-
-def losses(out_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out_dir) if "loss" in r}
 
 
 def write_yaml(path: Path, data: dict) -> Path:
