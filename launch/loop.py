@@ -28,8 +28,9 @@ class TrainState:
     skipped_steps: int = 0  # steps whose every micro-batch had a non-finite loss
     bad_micro_batches: int = 0  # micro-batches dropped for a non-finite loss
     elapsed_s: float = 0.0  # training wall time of earlier attempts (resumed runs)
-    best_metric: float | None = None
+    best_metric: float | None = None  # fine-tuning: value of eval.metric at the best evaluation
     best_step: int | None = None
+    best_result: dict | None = None
 
 
 class Trainer:
@@ -86,7 +87,7 @@ class Trainer:
             record = self._log_record()
             self.metrics.write(record)
         self.metrics.step(step, record)
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < self.task.total_steps:
+        if self.task.eval_every and step % self.task.eval_every == 0 and step < self.task.total_steps:
             self.evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
@@ -111,10 +112,13 @@ class Trainer:
             result = self.task.evaluate(self.engine)
         self.engine.train()
         if result:
-            self.task.track_best(self.state, result)
+            improved = self.task.track_best(self.state, result)
             self.metrics.write({"step": self.state.step, **result})
             self.metrics.info(f"eval @ step {self.state.step}: "
                               + " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
+            if improved and getattr(self.cfg.eval, "save_best", False):
+                self.saver.protected = {self.state.step}  # the best checkpoint outlives keep_last
+                self.save()
         return result
 
     def save(self):

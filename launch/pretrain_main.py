@@ -26,6 +26,7 @@ class PretrainTask:
         self.cfg, self.info, self.spec, self.sparse = cfg, info, spec, sparse
         self.arch = arch_of(hf_config)
         self.total_steps = cfg.train.max_steps
+        self.eval_every = cfg.eval.every
         self.workers = max(cfg.data.num_workers, 1)
         d = cfg.data
         self.settings = MLMSettings(d.block_size, cfg.train.micro_batch_size, d.mlm_probability,

@@ -38,6 +38,7 @@ class Checkpointer:
         self.root = Path(output_dir) / "checkpoints"
         self.info, self.keep_last, self.log = info, keep_last, log
         self.meta_writer = meta_writer  # rank 0: writes hf_meta/ (model config, tokenizer) into a save
+        self.protected: set[int] = set()  # steps never pruned (the best fine-tuning checkpoint)
 
     # -- save ------------------------------------------------------------------------------------
     def save(self, engine, step: int, trainer_state: dict) -> Path | None:
@@ -68,7 +69,7 @@ class Checkpointer:
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 fsync_dir(self.root)
-                prune(self.root, self.keep_last)
+                prune(self.root, self.keep_last, self.protected)
             except Exception as e:
                 error = f"{type(e).__name__}: {e}"
         failed = dist.all_reduce([1.0 if error else 0.0], "max")[0] > 0

@@ -94,6 +94,8 @@ def start(s: Session, module, task, tracker=None, meta_writer=None) -> Trainer:
         universal = s.ds_config.get("checkpoint", {}).get("load_universal", False)
         s.saver.restore(engine, s.resume_from, universal, same_ranks=s.saved["world_size"] == info.world_size)
         state = TrainState(**s.saved["state"])
+        if state.best_step is not None:
+            s.saver.protected = {state.best_step}
         log0(info)(f"resumed from {s.resume_from} at step {state.step}"
                    + (f" (resized from {s.saved['world_size']} rank(s) x {s.saved['workers']} worker(s))"
                       if s.resized else ""))

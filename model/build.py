@@ -65,7 +65,9 @@ def load_mlm(model_cfg, spec, seed: int):
 
 def resolve_model_dir(path: str) -> str:
     """Accept an HF folder, our run's output_dir (-> final/) or a checkpoint folder (-> its hf/ export)."""
-    p = Path(path)
+    from data.embedded import resolve_model_alias
+
+    p = Path(resolve_model_alias(path))
     for cand in (p, p / "final", p / "hf"):
         if (cand / "config.json").is_file():
             return str(cand)

@@ -1,0 +1,166 @@
+"""Sentence-pair / single-sentence task data from .tsv, .csv, .jsonl (or a `datasets` hub name).
+
+TSV is read with quoting off (MRPC's sentences contain `"`: with quote processing rows shift).
+Labels: integers -> class ids; other strings -> ids in sorted order, inferred from the training file
+and stored with the model (id2label / label2id); floats -> regression. Every error names the file,
+the line and the column, and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data.sources import DataError
+
+csv.field_size_limit(1 << 30)
+
+
+@dataclass
+class Rows:
+    path: str
+    columns: list[str]
+    rows: list[dict]  # column -> raw string (or JSON value)
+    lines: list[int]  # 1-based line number of each row in the file
+
+
+def table_format(path: str, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = Path(path).suffix.lower()
+    return {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(suffix, "")
+
+
+def read_rows(path: str, fmt: str = "auto") -> Rows:
+    if not Path(path).is_file():
+        raise DataError(f"{path}: file not found (task.train_file / eval_file / test_file)")
+    kind = table_format(path, fmt)
+    if not kind:
+        raise DataError(f"{path}: unknown table format; use .tsv, .csv or .jsonl, or set task.format")
+    with open(path, encoding="utf-8", newline="") as f:
+        if kind == "jsonl":
+            rows, lines, columns = [], [], []
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{path}: line {i} is not a JSON object")
+                columns += [k for k in rec if k not in columns]
+                rows.append(rec)
+                lines.append(i)
+        else:
+            reader = csv.reader(f, delimiter="\t" if kind == "tsv" else ",",
+                                quoting=csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL)
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: the file is empty; it needs a header line and at least one row")
+            columns, rows, lines = [h.strip() for h in header], [], []
+            for row in reader:
+                if not any(cell.strip() for cell in row):
+                    continue
+                if len(row) != len(columns):
+                    raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields, the header has "
+                                    f"{len(columns)} (is it {'tab' if kind == 'tsv' else 'comma'}-separated?)")
+                rows.append(dict(zip(columns, row)))
+                lines.append(reader.line_num)
+    if not rows:
+        raise DataError(f"{path}: no data rows (only a header, or an empty file)")
+    return Rows(path, columns, rows, lines)
+
+
+def require_columns(t: Rows, needed: dict[str, str]) -> None:
+    """needed: config key -> column name. All missing columns are reported at once."""
+    problems = []
+    for key, col in needed.items():
+        if col not in t.columns:
+            close = difflib.get_close_matches(col, t.columns, n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{t.path}: no column '{col}' for {key}{hint}; columns are: {', '.join(t.columns)}")
+    if problems:
+        raise DataError("\n".join(problems))
+
+
+def _as_number(v):
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        return v
+    try:
+        f = float(str(v).strip())
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() and "." not in str(v) and "e" not in str(v).lower() else f
+
+
+@dataclass
+class LabelSpace:
+    kind: str  # classification | regression
+    names: list[str] = field(default_factory=list)  # id -> name (classification)
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.kind == "regression" else len(self.names)
+
+    def encode(self, value, t: Rows, i: int, column: str):
+        if self.kind == "regression":
+            num = _as_number(value)
+            if num is None or (isinstance(num, float) and math.isnan(num)):
+                raise DataError(f"{t.path}: line {t.lines[i]}, column '{column}': '{value}' is not a number "
+                                "(this task is a regression: every label must be numeric)")
+            return float(num)
+        key = str(value).strip()
+        if key not in self.index:
+            raise DataError(f"{t.path}: line {t.lines[i]}, column '{column}': label '{key}' does not occur in "
+                            f"the training file (known: {', '.join(self.names)})")
+        return self.index[key]
+
+    @property
+    def index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+
+def infer_labels(t: Rows, column: str, problem: str = "auto", names: list[str] | None = None) -> LabelSpace:
+    """Label space from the training file (or explicit `names`)."""
+    values = [r[column] for r in t.rows]
+    for i, v in enumerate(values):
+        if v is None or str(v).strip() == "":
+            raise DataError(f"{t.path}: line {t.lines[i]}, column '{column}': empty label")
+    nums = [_as_number(v) for v in values]
+    numeric = [n is not None for n in nums]
+    if problem == "regression" or (problem == "auto" and all(numeric) and any(isinstance(n, float) for n in nums)):
+        if not all(numeric):
+            bad = numeric.index(False)
+            raise DataError(f"{t.path}: line {t.lines[bad]}, column '{column}': '{values[bad]}' is not a number "
+                            "(regression labels must all be numeric)")
+        return LabelSpace("regression")
+    if names:
+        return LabelSpace("classification", [str(n) for n in names])
+    if any(numeric) and not all(numeric):
+        a, b = numeric.index(True), numeric.index(False)
+        raise DataError(f"{t.path}: column '{column}' mixes label types: line {t.lines[a]} has '{values[a]}' "
+                        f"(a number), line {t.lines[b]} has '{values[b]}' (text); make them consistent or list "
+                        "the labels in task.labels")
+    if all(numeric):  # integer classes, in numeric order (0..K-1 stay their own ids)
+        return LabelSpace("classification", [str(i) for i in sorted(set(nums))])
+    return LabelSpace("classification", sorted({str(v).strip() for v in values}))
+
+
+def texts(t: Rows, text_a: str, text_b: str | None) -> tuple[list[str], list[str] | None]:
+    def col(name):
+        out = []
+        for i, r in enumerate(t.rows):
+            v = r.get(name)
+            if v is None:
+                raise DataError(f"{t.path}: line {t.lines[i]}: column '{name}' is missing")
+            out.append(str(v))
+        return out
+
+    return col(text_a), (col(text_b) if text_b else None)

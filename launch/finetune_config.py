@@ -1,0 +1,139 @@
+"""Fine-tuning run configuration (shares the model / train / deepspeed / log / checkpoint sections)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from launch import configlib
+from launch.config import (
+    REQUIRED,
+    CheckpointConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    TrainConfig,
+    validate_common,
+    validate_deepspeed,
+    validate_model,
+    validate_train,
+)
+
+
+@dataclass
+class TaskConfig:
+    train_file: str | None = None
+    """Training table: .tsv (read with quoting off), .csv or .jsonl, with a header / keys."""
+    eval_file: str | None = None
+    """Evaluation table, same columns (labels required)."""
+    test_file: str | None = None
+    """Table to predict; written to output_dir/predictions.tsv (labels optional: scored when present)."""
+    format: Literal["auto", "tsv", "csv", "jsonl"] = "auto"
+    """Table format (auto: from the file extension)."""
+    dataset: str | None = None
+    """A `datasets` hub name instead of files (needs hub access), e.g. glue with dataset_config=mrpc."""
+    dataset_config: str | None = None
+    """The hub dataset's configuration name."""
+    train_split: str = "train"
+    """Hub split for training."""
+    eval_split: str | None = "validation"
+    """Hub split for evaluation."""
+    test_split: str | None = None
+    """Hub split to predict."""
+    text_a: str = "sentence1"
+    """Column of the first sentence."""
+    text_b: str | None = "sentence2"
+    """Column of the second sentence (null: single-sentence task)."""
+    label: str = "label"
+    """Column of the label."""
+    labels: list[str] | None = None
+    """Explicit label names in id order (default: inferred from the training file)."""
+    problem: Literal["auto", "classification", "regression"] = "auto"
+    """auto: float labels make a regression (one output, MSE), anything else classification."""
+    max_length: int = 128
+    """Truncate pairs to this many tokens (longest first)."""
+    length_grouping: bool = True
+    """Group examples of similar length into batches (randomised, reproducible from train.seed)."""
+    group_factor: int = 50
+    """Mega-batch size in global batches for length grouping (larger: less padding, less randomness)."""
+    pad_to_multiple_of: int | None = None
+    """Round each batch's width up (8 helps tensor cores on GPUs); None: pad to the longest only."""
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    max_steps: int | None = None
+    """Optimizer steps (overrides train.epochs when set)."""
+    epochs: float = 3.0
+    """Passes over the training file."""
+    micro_batch_size: int = 32
+    """Examples per rank per forward pass."""
+    lr: float = 5e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (HF Trainer's default is 0)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all steps (used when train.warmup_steps is 0)."""
+
+
+@dataclass
+class FinetuneEvalConfig(EvalConfig):
+    every: int = 0
+    """Evaluate every N steps (0: at the end of every epoch)."""
+    metric: str | None = None
+    """Metric that picks the best checkpoint: accuracy, f1, macro_f1, pearson, spearman, eval_loss
+    (default: accuracy for binary, macro_f1 for multi-class, pearson for regression)."""
+    save_best: bool = True
+    """Keep the best checkpoint (protected from keep_last) and make output_dir/final from it."""
+    micro_batch_size: int | None = 64
+    """Eval batch size per rank."""
+
+
+@dataclass
+class FinetuneConfig:
+    output_dir: str = REQUIRED
+    """Where config.yaml, metrics.jsonl, eval_results.json, predictions.tsv, checkpoints/, final/ go."""
+    tokenizer: str | None = None
+    """Tokenizer folder (None: the one saved with model.pretrained)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """model.pretrained: a Hugging Face folder, our pretraining output_dir or its final/."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Data and columns."""
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    """Optimization."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine."""
+    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
+    """Evaluation and best checkpoint."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics, progress bar and wandb."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+
+    def validate(self) -> list[str]:
+        p = validate_model(self.model) + validate_train(self.train) + validate_deepspeed(self.deepspeed)
+        t = self.task
+        if self.model.preset and not self.tokenizer:
+            p.append("model.preset needs an explicit tokenizer (e.g. tokenizer=bert-base-uncased)")
+        if not (t.train_file or t.dataset):
+            p.append("no training data: set task.train_file (a .tsv/.csv/.jsonl table) or task.dataset")
+        for key in ("train_file", "eval_file", "test_file"):
+            path = getattr(t, key)
+            if path and not Path(path).is_file():
+                p.append(f"task.{key}: '{path}' does not exist")
+        if t.max_length is not None and t.max_length < 8:
+            p.append(f"task.max_length must be >= 8, got {t.max_length}")
+        if self.train.epochs is not None and self.train.epochs <= 0 and not self.train.max_steps:
+            p.append(f"train.epochs must be > 0, got {self.train.epochs}")
+        metrics = ("accuracy", "f1", "macro_f1", "pearson", "spearman", "eval_loss", "mse")
+        if self.eval.metric is not None and self.eval.metric not in metrics:
+            p.append(f"eval.metric '{self.eval.metric}' is not one of: {', '.join(metrics)}")
+        return p + validate_common(self)
+
+
+def load_finetune(path: str | None, overrides: list[str] | None = None) -> FinetuneConfig:
+    return configlib.load(FinetuneConfig, path, overrides)

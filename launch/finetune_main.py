@@ -1,0 +1,205 @@
+"""Fine-tuning: sentence-pair / single-sentence classification or regression under DeepSpeed."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+
+from launch import configlib, dist
+from launch.checkpoint import CheckpointError
+from launch.config import batch_arithmetic
+from launch.finetune_config import FinetuneConfig
+from launch.metrics import arch_of, encoder_flops
+from launch.run import EXIT_CONFIG, fail, parse_args, seed_everything
+from launch.scores import default_metric, task_metrics
+
+
+class FinetuneTask:
+    def __init__(self, cfg: FinetuneConfig, info, data, hf_config, accum: int, session):
+        self.cfg, self.info, self.d, self.accum = cfg, info, data, accum
+        self.arch, self.num_labels = arch_of(hf_config), data.labels.num_labels
+        self.regression = data.labels.kind == "regression"
+        self.micro, self.world = cfg.train.micro_batch_size, info.world_size
+        self.global_batch = self.micro * accum * self.world
+        self.steps_per_epoch = math.ceil(len(data.train) / self.global_batch)
+        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
+        self.eval_every = cfg.eval.every or self.steps_per_epoch
+        self.metric = cfg.eval.metric or default_metric(data.labels.kind, self.num_labels)
+        self.start_step = session.start_step
+        saved = session.saved
+        if saved and saved.get("train_examples") != [data.train_path, len(data.train)]:
+            raise CheckpointError(f"task.train_file changed since {session.resume_from}: it had "
+                                  f"{saved.get('train_examples')}, now {[data.train_path, len(data.train)]}")
+        self.device, self._orders = dist.device(), {}
+
+    # -- training data ---------------------------------------------------------------------------
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's global batches: a function of (seed, epoch) only, cached for the current epoch."""
+        from data.pairs import epoch_order
+
+        if epoch not in self._orders:
+            self._orders = {epoch: epoch_order(self.d.train.lengths, self.global_batch, self.cfg.train.seed, epoch,
+                                               self.cfg.task.length_grouping, self.cfg.task.group_factor)}
+        return self._orders[epoch]
+
+    def batches(self):
+        """This rank's micro-batches, starting at the resumed step: a seek, not a replay."""
+        from data.pairs import split_global
+
+        step = self.start_step
+        while True:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            gb = self.global_batches(epoch)[k]
+            for idx in split_global(gb, self.micro, self.world, self.accum)[self.info.rank]:
+                yield self._collate(self.d.train, idx, n_step=len(gb))
+            step += 1
+
+    def _collate(self, enc, idx, n_step=None):
+        from data.pairs import collate
+
+        return collate(enc, np.asarray(idx, dtype=np.int64), self.d.pad_id, self.regression,
+                       self.cfg.task.pad_to_multiple_of, n_step)
+
+    def consumed(self, batch, step) -> None:
+        pass  # the position is the step count itself
+
+    def to_device(self, batch, with_labels=True) -> dict:
+        keys = ("input_ids", "attention_mask", "token_type_ids") + (("labels",) if with_labels else ())
+        out = {k: batch[k].to(self.device, non_blocking=True) for k in keys}
+        if not with_labels:
+            return out
+        n = batch["meta"]["n"]
+        if n == 0:  # an empty slot of a short last global batch: zero contribution
+            out["labels"] = torch.zeros(1, dtype=out["labels"].dtype, device=self.device)
+        out["weight"] = self.world * self.accum / batch["meta"]["n_step"] if n else 0.0
+        return out
+
+    def forward(self, engine, batch):
+        return engine(**self.to_device(batch))
+
+    def null_batch(self):
+        return self._collate(self.d.train, np.zeros(0, dtype=np.int64), n_step=1)
+
+    def counts(self, batch) -> dict:
+        m = batch["meta"]
+        return {"real_tokens": m["n_real"], "slots": m["n_slots"], "sequences": m["n"], "head_rows": m["n"]}
+
+    def flops(self, c: dict) -> float:
+        seq = c.get("slots", 0) / max(c.get("sequences", 1), 1)
+        return encoder_flops(**self.arch, seq=max(int(seq), 1), tokens=c.get("slots", 0),
+                             head_rows=c.get("head_rows", 0), num_labels=self.num_labels)
+
+    def log_extra(self) -> dict:
+        return {}
+
+    def data_state(self) -> dict:
+        return {"workers": 1, "train_examples": [self.d.train_path, len(self.d.train)],
+                "steps_per_epoch": self.steps_per_epoch}
+
+    # -- evaluation and prediction ---------------------------------------------------------------
+    def predict(self, engine, enc) -> tuple[np.ndarray, np.ndarray]:
+        """Logits for every example of `enc` (sharded over ranks, gathered) -> (logits [N, C], order)."""
+        from data.pairs import collate
+
+        order = np.argsort(enc.lengths, kind="stable")
+        bs = self.cfg.eval.micro_batch_size or self.micro
+        chunks = [order[i:i + bs] for i in range(0, len(order), bs)][self.info.rank::self.world]
+        n_max = int(dist.all_reduce([float(len(chunks))], "max")[0])
+        mine = []
+        for i in range(n_max):  # equal forward counts on every rank (ZeRO-3 gathers weights collectively)
+            idx = chunks[i] if i < len(chunks) else order[:1]
+            batch = collate(enc, idx, self.d.pad_id, self.regression, self.cfg.task.pad_to_multiple_of)
+            logits = engine(**self.to_device(batch, with_labels=False)).float().cpu().numpy()
+            if i < len(chunks):
+                mine += list(zip(idx.tolist(), logits.tolist()))
+        gathered = sorted((x for part in dist.all_gather_object(mine) for x in part), key=lambda x: x[0])
+        return np.array([x[1] for x in gathered], dtype=np.float64)
+
+    def scores(self, logits: np.ndarray, gold: np.ndarray, prefix: str) -> dict:
+        if self.regression:
+            pred = logits[:, 0]
+            loss = float(((pred - gold) ** 2).mean())
+        else:
+            z = logits - logits.max(1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+            pred = logp.argmax(1)
+            loss = float(-logp[np.arange(len(gold)), gold.astype(np.int64)].mean())
+        out = {"loss": loss, **task_metrics(self.d.labels.kind, self.num_labels, pred, gold)}
+        return {f"{prefix}_{k}": v for k, v in out.items()}
+
+    def evaluate(self, engine) -> dict:
+        if self.d.eval is None:
+            return {}
+        return self.scores(self.predict(engine, self.d.eval), self.d.eval.labels, "eval")
+
+    def track_best(self, state, result) -> bool:
+        key = self.metric if self.metric == "eval_loss" else f"eval_{self.metric}"
+        value = result[key]
+        better = state.best_metric is None or (value < state.best_metric if key in ("eval_loss", "eval_mse")
+                                               else value > state.best_metric)
+        if better:
+            state.best_metric, state.best_step = value, state.step
+            state.best_result = result
+        return better
+
+    def finish(self, trainer) -> None:
+        from launch.finish import finish_finetune
+
+        finish_finetune(self, trainer)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv, "launch/finetune.py", "Fine-tune a BERT-style encoder on a sentence(-pair) task.")
+    try:
+        from launch.finetune_config import load_finetune
+
+        cfg = load_finetune(args.config, args.overrides)
+    except configlib.ConfigError as e:
+        return fail(str(e))
+    if args.dry_run:
+        from launch.dryrun import dry_run_finetune
+
+        return dry_run_finetune(cfg)
+    info = dist.init(cfg.train.dist_timeout_s)
+    try:
+        return run(cfg, info)
+    except (configlib.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    finally:
+        dist.destroy()
+
+
+def run(cfg: FinetuneConfig, info) -> int:
+    from launch import session as sess
+    from launch.finish import load_task_data, meta_writer_for
+    from model.classify import Classifier, load_classifier
+
+    data = load_task_data(cfg)
+    accum, problems = batch_arithmetic(cfg.train, info.world_size)
+    if problems:
+        raise configlib.ConfigError(problems)
+    if not cfg.train.warmup_steps and cfg.train.warmup_ratio:  # resolved here, so config.yaml shows it
+        steps = cfg.train.max_steps or math.ceil(
+            cfg.train.epochs * math.ceil(len(data.train) / (cfg.train.micro_batch_size * accum * info.world_size)))
+        cfg.train.warmup_steps = int(cfg.train.warmup_ratio * steps)
+    seed_everything(cfg.train.seed)
+    labels = data.labels
+    id2label = None if labels.kind == "regression" else dict(enumerate(labels.names))
+    hf_model, hf_config = load_classifier(cfg.model, labels.num_labels, id2label, labels.kind == "regression",
+                                          len(data.tokenizer), cfg.train.seed, data.pad_id)
+    seed_everything(cfg.train.seed + 7919 * info.rank)
+    s = sess.plan(cfg, info, 1, hf_config.hidden_size)
+    task = FinetuneTask(cfg, info, data, hf_config, s.accum, s)
+    from launch.tracking import make_tracker
+
+    tracker = make_tracker(cfg, info, s) if info.is_main else None
+    trainer = sess.start(s, Classifier(hf_model, labels.kind == "regression"), task, tracker=tracker,
+                         meta_writer=meta_writer_for(hf_config, data.tokenizer))
+    if s.saved and s.saved["world_size"] != info.world_size:
+        seed_everything(cfg.train.seed + 7919 * info.rank + 104729 * trainer.state.step)
+    return trainer.fit()
+

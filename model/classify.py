@@ -1,0 +1,57 @@
+"""Sequence classification / regression module for fine-tuning (AutoModelForSequenceClassification)."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import nn
+
+
+def load_classifier(model_cfg, num_labels: int, id2label: dict | None, regression: bool, vocab_size: int, seed: int,
+                    pad_id: int = 0):
+    """A pretrained encoder (or a preset, for tests) with a fresh classification head."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
+
+    from model.build import apply_dropout, check_vocab, preset_config, resolve_model_dir
+
+    torch.manual_seed(seed)
+    labels = {"num_labels": num_labels, "problem_type": "regression" if regression else "single_label_classification"}
+    if id2label:
+        labels.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    if model_cfg.preset:
+        config = preset_config(model_cfg.preset, vocab_size, pad_id, model_cfg.max_position_embeddings,
+                               model_cfg.attn_implementation)
+        config.update(labels)
+        apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
+        model = BertForSequenceClassification(config)
+    else:
+        path = resolve_model_dir(model_cfg.pretrained)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **labels)
+        apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code, ignore_mismatched_sizes=True)
+    check_vocab(model.get_input_embeddings().num_embeddings, vocab_size,
+                model_cfg.pretrained or f"preset {model_cfg.preset}")
+    return model, config
+
+
+class Classifier(nn.Module):
+    """forward(..., labels=None) -> logits [B, C]; with labels -> weight x summed loss over the batch.
+
+    The trainer passes weight = (world x accum) / examples-in-this-step, so that DeepSpeed's mean over
+    ranks and micro-batches gives the true mean over the step's examples, also for an uneven last batch."""
+
+    def __init__(self, hf_model: nn.Module, regression: bool):
+        super().__init__()
+        self.hf, self.regression = hf_model, regression
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, weight: float = 1.0):
+        logits = self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+        if labels is None:
+            return logits
+        if self.regression:
+            loss = F.mse_loss(logits.squeeze(-1).float(), labels.float(), reduction="sum")
+        else:
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        return loss * weight
