@@ -104,7 +104,7 @@ def schedule(name: str, warmup: int, total: int):
 
 
 def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, lr_schedule):
-    """AdamW is torch's own (fused on CUDA), handed to DeepSpeed: its bias correction is computed from
+    """AdamW is torch's own (fused), handed to DeepSpeed: its bias correction is computed from
     the saved step count, so a resumed run updates bit-identically. (DeepSpeed's CPU Adam advances
     beta^t by multiplication in C++ and recomputes it with pow() after a load: last-bit drift.)
     Other optimizer types in the JSON are left to DeepSpeed."""
@@ -117,8 +117,9 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
     if str(opt_cfg.get("type", "")).lower() == "adamw":
         p = opt_cfg.get("params", {})
         ds_config.pop("optimizer")
+        # fused: one kernel over all tensors, on CUDA and (torch >= 2.4) on the CPU: ~5x faster steps there
         optimizer = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
-                                      weight_decay=weight_decay, fused=torch.cuda.is_available() or None)
+                                      weight_decay=weight_decay, fused=True)
         zero = ds_config.setdefault("zero_optimization", {})
         if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
             zero.setdefault("zero_force_ds_cpu_optimizer", False)  # keep the exact optimizer when offloading
