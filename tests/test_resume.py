@@ -185,3 +185,25 @@ def test_export_cli_and_check_resume_cli(tmp_path):
 
     assert AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").config.num_hidden_layers == 2
     shutil.rmtree(tmp_path / "cr")
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_finetune_sigkill_resume_is_bit_identical(tmp_path, stage):
+    from tests.test_finetune_data import write_pairs
+
+    files = [write_pairs(tmp_path / f"{n}.tsv", n=k, seed=i) for i, (n, k) in enumerate([("train", 100), ("dev", 20)])]
+    cfg = write_yaml(tmp_path / "ft.yaml", {
+        "output_dir": str(tmp_path / "unused"), "tokenizer": "bert-base-uncased", "model": {"preset": "tiny"},
+        "task": {"train_file": str(files[0]), "eval_file": str(files[1]), "text_a": "a", "text_b": "b",
+                 "label": "label"},
+        "train": {"epochs": 2, "micro_batch_size": 4, "global_batch_size": 16, "lr": 1e-3, "precision": "fp32"},
+        "deepspeed": {"config": f"ds_configs/zero{stage}.json"}, "eval": {"save_best": False},
+        "log": {"every": 1, "wandb": {"mode": "disabled"}}, "checkpoint": {"every": 3, "keep_last": 2}})
+    run("finetune", 2, cfg, [f"output_dir={tmp_path / 'straight'}"])
+    out = tmp_path / "killed"
+    rng = random.Random(10 + stage)
+    for kill_at in (rng.randint(4, 6), rng.randint(8, 11)):  # 7 steps per epoch: the second kill is in epoch 2
+        run_and_kill("finetune", 2, cfg, [f"output_dir={out}"], out, kill_at)
+    assert "resumed from" in run("finetune", 2, cfg, [f"output_dir={out}"]).stdout
+    assert compare(tmp_path / "straight", out) == []
+    assert len(losses(out)) == 14
