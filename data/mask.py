@@ -28,46 +28,55 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def block_keys(seed: int, parts: np.ndarray) -> np.ndarray:
+    """uint64[B] keys from int[B, k] parts (e.g. epoch, file, offset, used), folded in order."""
+    parts = np.asarray(parts, dtype=np.int64).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        h = splitmix64(np.full(parts.shape[0], seed & 0xFFFFFFFFFFFFFFFF, dtype=np.uint64))
+        for j in range(parts.shape[1]):
+            h = splitmix64(h ^ parts[:, j])
+    return h
+
+
 def block_key(seed: int, *parts: int) -> int:
-    """Fold integers into one 64-bit key (order-sensitive)."""
-    h = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    for p in parts:
-        with np.errstate(over="ignore"):
-            h = splitmix64(h ^ np.array([p & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    return int(h[0])
+    """One block's key (same function as block_keys)."""
+    return int(block_keys(seed, np.array([parts], dtype=np.int64).reshape(1, -1))[0])
 
 
-def _uniform(h: np.ndarray, shift: int) -> np.ndarray:
-    """24-bit uniform in [0, 1) from bits [shift, shift+24) of h."""
-    return ((h >> np.uint64(shift)) & np.uint64(0xFFFFFF)).astype(np.float64) * (1.0 / (1 << 24))
+_SELECT_BITS = 24  # bits 40..63 of the token hash: selection
+_KIND_MASK = np.uint64((1 << 20) - 1)  # bits 20..39: [MASK] (< 80%) / random (< 90%) / keep
 
 
 def mask_tokens(ids: np.ndarray, keys: np.ndarray, *, special: np.ndarray, prob: float, mask_id: int,
                 vocab_size: int, continuation: np.ndarray | None = None):
     """ids int[B, L] (pad/special included), keys uint64[B] -> (input_ids int64[B, L], labels int64[B, L]).
 
-    special: bool[vocab] (never selected); continuation: bool[vocab] for whole-word masking, or None."""
+    special: bool[vocab] (never selected); continuation: bool[vocab] for whole-word masking, or None.
+    One 64-bit hash per token supplies the selection and the 80/10/10 choice; the random replacement
+    ids are hashed only for the ~1.5% of tokens that need one."""
     ids = np.asarray(ids, dtype=np.int64)
     b, length = ids.shape
+    keys = keys.astype(np.uint64)[:, None]
     pos = np.arange(length, dtype=np.uint64)[None, :]
     with np.errstate(over="ignore"):
-        h_tok = splitmix64(keys.astype(np.uint64)[:, None] ^ (pos * _GOLD))  # [B, L]
-        h_rnd = splitmix64(h_tok ^ np.uint64(0xD1B54A32D192ED03))
+        h = splitmix64(keys ^ (pos * _GOLD))  # [B, L]
     is_special = special[ids]
+    threshold = np.uint64(int(prob * (1 << _SELECT_BITS)))
     if continuation is None:
-        u_select = _uniform(h_tok, 40)
-    else:
-        # word index of each token: a new word starts at every non-'##' token (and after specials)
-        starts = ~continuation[ids] | is_special
-        word = np.cumsum(starts, axis=1).astype(np.uint64)
+        selected = (h >> np.uint64(64 - _SELECT_BITS)) < threshold
+    else:  # a word = a token and the '##' pieces after it (a special token always starts a word)
+        word = np.cumsum(~continuation[ids] | is_special, axis=1).astype(np.uint64)
         with np.errstate(over="ignore"):
-            h_word = splitmix64(keys.astype(np.uint64)[:, None] ^ (word * np.uint64(0xA24BAED4963EE407)))
-        u_select = _uniform(h_word, 40)
-    selected = (u_select < prob) & ~is_special
+            h_word = splitmix64(keys ^ (word * np.uint64(0xA24BAED4963EE407)))
+        selected = (h_word >> np.uint64(64 - _SELECT_BITS)) < threshold
+    selected &= ~is_special
     labels = np.where(selected, ids, -100)
-    u_kind = _uniform(h_tok, 8)
-    to_mask = selected & (u_kind < 0.8)
-    to_random = selected & (u_kind >= 0.8) & (u_kind < 0.9)
-    random_ids = ((h_rnd >> np.uint64(32)) * np.uint64(vocab_size)) >> np.uint64(32)
-    out = np.where(to_mask, mask_id, np.where(to_random, random_ids.astype(np.int64), ids))
+    kind = (h >> np.uint64(20)) & _KIND_MASK
+    to_mask = selected & (kind < np.uint64(int(0.8 * (1 << 20))))
+    to_random = selected & ~to_mask & (kind < np.uint64(int(0.9 * (1 << 20))))
+    out = np.where(to_mask, mask_id, ids)
+    if to_random.any():
+        with np.errstate(over="ignore"):
+            r = splitmix64(h[to_random] ^ np.uint64(0xD1B54A32D192ED03))
+        out[to_random] = (((r >> np.uint64(32)) * np.uint64(vocab_size)) >> np.uint64(32)).astype(np.int64)
     return out, labels

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.mask import mask_tokens
-from data.stream import Block, StreamState, TextStream
+from data.mask import block_keys, mask_tokens
+from data.stream import Block, StreamState, TextStream, text_readers
 
 
 @dataclass
@@ -32,7 +32,7 @@ class MLMSettings:
     audit: bool = False
 
 
-def collate_blocks(blocks: list[Block], spec, s: MLMSettings) -> dict:
+def collate_blocks(blocks: list[Block], spec, s: MLMSettings, state: dict | None = None) -> dict:
     """Blocks -> {input_ids, labels, attention_mask: int64[B, L]} + bookkeeping.
 
     Short blocks (end of an epoch) are right-padded with [PAD]; pads are special, never masked."""
@@ -43,33 +43,47 @@ def collate_blocks(blocks: list[Block], spec, s: MLMSettings) -> dict:
     for i, blk in enumerate(trained):
         ids[i, : len(blk.tokens)] = blk.tokens
         attn[i, : len(blk.tokens)] = 1
-    keys = np.array([blk.key for blk in trained] or [0], dtype=np.uint64)
+    keys = block_keys(s.seed, np.array([blk.where for blk in trained] or [(0, 0, 0, 0)], dtype=np.int64))
     inputs, labels = mask_tokens(ids, keys, special=spec.special_table, prob=s.mlm_probability,
                                  mask_id=spec.mask_id, vocab_size=spec.vocab_size,
                                  continuation=spec.is_continuation if s.whole_word_masking else None)
     n_real = int(attn.sum())
+    # the masked positions for the sparse MLM head, found here on the CPU (no device sync), padded to a
+    # multiple of 128 rows (target -100 = ignored) so the GPU sees few distinct shapes
+    rows = np.flatnonzero(labels.reshape(-1) != -100)
+    m = len(rows)
+    pad = -m % 128
+    mlm_rows = np.concatenate([rows, np.zeros(pad, dtype=rows.dtype)])
+    mlm_targets = np.concatenate([labels.reshape(-1)[rows], np.full(pad, -100, dtype=labels.dtype)])
     out = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
-           "attention_mask": torch.from_numpy(attn),
-           "meta": {"state": blocks[-1].state, "n_real": n_real, "n_slots": b * length,
+           "attention_mask": torch.from_numpy(attn), "mlm_rows": torch.from_numpy(mlm_rows.astype(np.int64)),
+           "mlm_targets": torch.from_numpy(mlm_targets.astype(np.int64)),
+           "meta": {"state": state, "n_real": n_real, "n_slots": b * length, "n_masked": m,
                     "n_blocks": b, "dropped": sum(blk.dropped for blk in blocks),
                     "audit": [a for blk in blocks for a in (blk.audit or [])] if s.audit else None}}
     if b == 0:  # only a dropped tail: nothing to train on, the loop skips it but keeps its state
         out["labels"][:] = -100
+        out["mlm_targets"][:] = -100
     return out
 
 
 class MLMDataset(IterableDataset):
     def __init__(self, files, sizes, spec, settings: MLMSettings, states: list[dict], rotation: int = 0,
-                 finite: bool = False):
+                 finite: bool = False, cache: str | None = None):
+        """files/sizes: the text corpus (bytes), or with `cache`: the token cache's shards (tokens)."""
         super().__init__()
-        self.files, self.sizes, self.spec, self.s = files, sizes, spec, settings
+        self.files, self.sizes, self.spec, self.s, self.cache = files, sizes, spec, settings, cache
         self.states, self.rotation, self.finite = states, rotation, finite
 
     def stream_for(self, state: dict) -> TextStream:
         s = self.s
-        return TextStream(self.files, self.sizes, self.spec, mode=s.mode, text_field=s.text_field,
-                          max_chunk_bytes=s.max_chunk_bytes, errors=s.encoding_errors,
-                          block_size=s.block_size, seed=s.seed, last_block=s.last_block,
+        if self.cache is not None:
+            from data.cache import cache_readers
+
+            readers = cache_readers(self.cache)
+        else:
+            readers = text_readers(self.files, s.mode, s.text_field, s.max_chunk_bytes, s.encoding_errors)
+        return TextStream(readers, self.sizes, self.spec, block_size=s.block_size, last_block=s.last_block,
                           state=StreamState.from_dict(state), finite=self.finite, audit=s.audit)
 
     def __iter__(self):
@@ -79,17 +93,20 @@ class MLMDataset(IterableDataset):
             raise RuntimeError(f"{n_workers} dataloader workers for {len(self.states)} stream states")
         stream = self.stream_for(self.states[(w + self.rotation) % n_workers])
         pending: list[Block] = []
-        for blk in stream:
+        n_trained = 0
+        for blk in stream:  # the stream is paused here: stream.state is the state after `blk`
             pending.append(blk)
-            if sum(1 for b in pending if len(b.tokens)) == self.s.micro_batch_size:
-                batch = collate_blocks(pending, self.spec, self.s)
-                batch["meta"]["replaced_bytes"] = stream.replaced_bytes
-                yield batch
-                pending = []
+            n_trained += len(blk.tokens) > 0
+            if n_trained == self.s.micro_batch_size:
+                yield self._batch(pending, stream)
+                pending, n_trained = [], 0
         if pending:  # finite streams: the last, smaller batch
-            batch = collate_blocks(pending, self.spec, self.s)
-            batch["meta"]["replaced_bytes"] = stream.replaced_bytes
-            yield batch
+            yield self._batch(pending, stream)
+
+    def _batch(self, blocks, stream) -> dict:
+        batch = collate_blocks(blocks, self.spec, self.s, stream.state.to_dict())
+        batch["meta"]["replaced_bytes"] = stream.replaced_bytes
+        return batch
 
 
 def initial_states(rank: int, world_size: int, workers: int) -> list[dict]:

@@ -24,6 +24,7 @@ class PieceTokens:
     used: int = 0  # tokens already emitted in earlier blocks (or skipped on resume)
     doc_offset: int = -1  # byte offset of the document's first piece (its id within the file)
     doc_id: int = -1  # corpus-wide document id (file, doc_offset) for exactly-once audits
+    n_docs: int | None = None  # documents starting in the piece (token-cache pieces hold many)
 
     def position(self) -> tuple[int, int, int, bool, int]:
         return (self.seg, self.offset, self.used, self.doc_start, self.doc_offset)

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -98,12 +100,14 @@ def partition(sizes: list[int], n: int) -> list[list[Segment]]:
 
 @dataclass
 class Piece:
-    offset: int  # file byte offset of the piece's first byte
+    offset: int  # file byte offset of the piece's first byte (token offset in a token cache)
     doc_offset: int  # file byte offset of the document's first piece
-    text: str
+    text: str | None
     doc_start: bool  # first piece of a document ([CLS] goes before it)
     doc_end: bool  # last piece of a document ([SEP] goes after it)
     next_offset: int  # byte offset just past the piece (and its line break)
+    tokens: np.ndarray | None = None  # token-cache pieces: ready tokens instead of text
+    n_docs: int | None = None  # token-cache pieces: documents starting inside the piece
 
 
 class PieceReader:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data.mask import block_key
 from data.pack import Packer, PieceTokens
 from data.sources import DataError, PieceReader, Segment, partition, split_ranges
 
@@ -94,26 +93,30 @@ def replan(states: list[StreamState], sizes: list[int], new_n: int) -> list[Stre
 @dataclass
 class Block:
     tokens: np.ndarray  # int32[n], n <= block_size (short only at the end of a stream's epoch)
-    key: int  # masking key: where the block starts in the corpus
-    state: dict  # stream state after this block
+    where: tuple[int, int, int, int]  # (epoch, file, piece offset, tokens used): where it starts -> mask key
     audit: list | None  # [(epoch, doc_id, n_tokens)] when auditing
     dropped: int = 0  # tokens of a dropped short block (data.last_block=drop)
+    # The stream state after a block is `stream.state` right when the block is yielded (the generator
+    # is paused there); callers snapshot it with stream.state.to_dict() only where they need it.
+
+
+def text_readers(files: list[str], mode: str, text_field: str, max_chunk_bytes: int, errors: str):
+    return [PieceReader(p, mode, text_field, max_chunk_bytes, errors) for p in files]
 
 
 class TextStream:
-    """Blocks of one stream, forever (or one epoch when `finite`)."""
+    """Blocks of one stream, forever (or one epoch when `finite`). `readers[i]` reads file i's pieces: text
+    to tokenize (data.sources.PieceReader) or ready tokens (data.cache.CacheReader)."""
 
-    def __init__(self, files: list[str], sizes: list[int], spec, *, mode: str, text_field: str,
-                 max_chunk_bytes: int, errors: str, block_size: int, seed: int, last_block: str,
+    def __init__(self, readers: list, sizes: list[int], spec, *, block_size: int, last_block: str,
                  state: StreamState, finite: bool = False, audit: bool = False):
-        self.files, self.sizes, self.spec = files, sizes, spec
-        self.readers = [PieceReader(p, mode, text_field, max_chunk_bytes, errors) for p in files]
-        self.block_size, self.seed, self.last_block = block_size, seed, last_block
+        self.readers, self.sizes, self.spec = readers, sizes, spec
+        self.block_size, self.last_block = block_size, last_block
         self.state, self.finite, self.audit = copy.deepcopy(state), finite, audit
 
     @property
     def replaced_bytes(self) -> int:
-        return sum(r.replaced for r in self.readers)
+        return sum(getattr(r, "replaced", 0) for r in self.readers)
 
     def _pieces(self, st: StreamState, segs: list[Segment]):
         """(seg_idx, Piece, tokens to skip) from the stream's position to the end of its epoch plan.
@@ -130,7 +133,7 @@ class TextStream:
                 skip = 0
 
     def _tokenized(self, st: StreamState, segs: list[Segment]):
-        """PieceTokens in stream order, tokenized in batches of about READ_BATCH_BYTES of text."""
+        """PieceTokens in stream order; text is tokenized in batches of about READ_BATCH_BYTES."""
         spec, batch, size = self.spec, [], 0
         cls_, sep_ = np.array([spec.cls_id], np.int32), np.array([spec.sep_id], np.int32)
 
@@ -145,8 +148,14 @@ class TextStream:
                 yield PieceTokens(i, p.offset, p.doc_start, toks, skip, p.doc_offset, doc_id)
 
         for item in self._pieces(st, segs):
+            i, p, skip = item
+            if p.tokens is not None:  # pre-tokenized (token cache): [CLS]/[SEP] already in place
+                yield from flush()
+                batch, size = [], 0
+                yield PieceTokens(i, p.offset, p.doc_start, p.tokens, skip, p.doc_offset, -1, p.n_docs)
+                continue
             batch.append(item)
-            size += len(item[1].text)
+            size += len(p.text)
             if size >= READ_BATCH_BYTES:
                 yield from flush()
                 batch, size = [], 0
@@ -159,8 +168,8 @@ class TextStream:
             fresh = st.segments is None
             packer, got_tokens = Packer(self.block_size), False
             for rec in self._tokenized(st, segs):
-                if rec.doc_start and rec.used == 0:
-                    st.docs += 1
+                if rec.used == 0:
+                    st.docs += rec.n_docs if rec.n_docs is not None else int(rec.doc_start)
                 packer.add(rec)
                 got_tokens = True
                 while packer.full():
@@ -169,32 +178,31 @@ class TextStream:
                     yield self._emit(st, segs, packer, tokens, start, audit)
             if fresh and not got_tokens and st.pos is None:
                 raise DataError(f"stream {st.stream} of {st.num_streams} got no documents: the corpus "
-                                f"({len(self.files)} file(s)) has fewer documents than world_size x "
+                                f"({len(self.readers)} file(s)) has fewer documents than world_size x "
                                 "data.num_workers streams; lower data.num_workers, use fewer ranks or add data")
             # end of this stream's epoch: the one short block, then the next epoch's plan
             start, audit = packer.position(), ([] if self.audit else None)
             tail = packer.take(audit=audit) if packer.available else None
-            key = block_key(self.seed, st.epoch, segs[start[0]].file, start[1], start[2]) if start else 0
+            where = (st.epoch, segs[start[0]].file, start[1], start[2]) if start else (st.epoch, 0, 0, 0)
             audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
             self._next_epoch(st)
             if tail is not None and self.last_block == "pad":
                 st.blocks += 1
-                yield Block(tail, key, st.to_dict(), audit)
+                yield Block(tail, where, audit)
             elif tail is not None:  # dropped: not trained, but counted and its position passed
-                yield Block(tail[:0], key, st.to_dict(), audit, dropped=len(tail))
+                yield Block(tail[:0], where, audit, dropped=len(tail))
             if self.finite:
                 return
 
     def _emit(self, st: StreamState, segs, packer: Packer, tokens, start, audit) -> Block:
         """A full block; the stream state moves to the first token not yet emitted."""
         seg_i, off, used, _, _ = start
-        key = block_key(self.seed, st.epoch, segs[seg_i].file, off, used)
         pos = packer.position()
         st.blocks += 1
         if pos is not None:
             st.seg_idx, st.pos = pos[0], tuple(pos[1:])
         audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
-        return Block(tokens, key, st.to_dict(), audit)
+        return Block(tokens, (st.epoch, segs[seg_i].file, off, used), audit)
 
     def _next_epoch(self, st: StreamState) -> None:
         st.epoch += 1

@@ -62,7 +62,7 @@ class DataConfig:
     eval_split: str | None = None
     """Split of data.dataset for evaluation (None: no eval from the hub)."""
     cache: str | None = None
-    """A token cache folder from `python -m data.prepare` used instead of train_files (faster)."""
+    """A token cache folder from `python -m data.prepare`; when set it is read instead of train_files."""
     block_size: int = 128
     """Tokens per packed block (sequence length)."""
     mlm_probability: float = 0.15
@@ -167,6 +167,9 @@ class CheckpointConfig:
     """Save every N steps (0: only at the end and on signals)."""
     keep_last: int = 3
     """Keep this many newest checkpoints (older ones are deleted after a new one is committed)."""
+    at_end: bool = True
+    """Save a checkpoint when training ends; it is also the source of output_dir/final (benchmarks turn
+    this off)."""
     allow_resize: bool = True
     """Resuming with another world size / worker count converts the checkpoint (DeepSpeed universal
     format) and re-splits the unread data; false: such a resume is an error."""
@@ -206,6 +209,9 @@ class PretrainConfig:
                 if pattern and not pattern.startswith("embedded:") and not glob.glob(pattern):
                     p.append(f"data.{key}: '{pattern}' matches no file (check the path; globs like "
                              "'corpus/*.txt' are allowed)")
+        if d.cache and not Path(d.cache, "meta.json").is_file():
+            p.append(f"data.cache: '{d.cache}' is not a finished token cache (no meta.json); build it with "
+                     "python -m data.prepare --config <this config> --out <folder>")
         if d.block_size is not None and not 8 <= d.block_size:
             p.append(f"data.block_size must be at least 8, got {d.block_size}")
         if self.model.preset and d.block_size and d.block_size > self.model.max_position_embeddings:

@@ -160,20 +160,37 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """Reduce a few scalars across ranks in one collective (float64 on the CPU under gloo)."""
+_CONTROL = None
+
+
+def _control_group():
+    """A gloo group for small host-side decisions (stop flags): no GPU sync, unlike a NCCL collective."""
+    global _CONTROL
+    import torch.distributed as dist
+
+    if _CONTROL is None:
+        _CONTROL = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return _CONTROL
+
+
+def all_reduce(values: list[float], op: str = "sum", host: bool = False) -> list[float]:
+    """Reduce a few scalars across ranks in one collective. host=True: over gloo on the CPU, so the GPU
+    stream is not synchronised (for values that live on the host anyway)."""
     import torch
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=device())
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    t = torch.tensor(values, dtype=torch.float64, device="cpu" if host else device())
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
+                    group=_control_group() if host else None)
     return t.tolist()
 
 
 def destroy() -> None:
+    global _CONTROL
     import torch.distributed as dist
 
+    _CONTROL = None
     if dist.is_initialized():
         dist.destroy_process_group()

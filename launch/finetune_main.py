@@ -92,8 +92,8 @@ class FinetuneTask:
         return encoder_flops(**self.arch, seq=max(int(seq), 1), tokens=c.get("slots", 0),
                              head_rows=c.get("head_rows", 0), num_labels=self.num_labels)
 
-    def log_extra(self) -> dict:
-        return {}
+    def log_extra(self, totals: dict) -> dict:
+        return {"epoch": round(totals["step"] / self.steps_per_epoch, 3)}
 
     def data_state(self) -> dict:
         return {"workers": 1, "train_examples": [self.d.train_path, len(self.d.train)],

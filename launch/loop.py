@@ -91,7 +91,7 @@ class Trainer:
             self.evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
-        if dist.all_reduce([float(self.stop_flag.signum)], "max")[0]:  # all ranks agree to stop
+        if dist.all_reduce([float(self.stop_flag.signum)], "max", host=True)[0]:  # all ranks agree to stop
             self.save()
             self.metrics.info(f"signal received: checkpoint saved at step {step}; exiting with code "
                               f"{EXIT_REQUEUE} (rerun the same command to resume)")
@@ -101,7 +101,8 @@ class Trainer:
 
     def _finish(self) -> int:
         self.evaluate()
-        self.save()  # the final checkpoint is also the source of output_dir/final
+        if self.cfg.checkpoint.at_end:
+            self.save()  # the final checkpoint is also the source of output_dir/final
         self.task.finish(self)
         self.metrics.close()
         return EXIT_OK
@@ -129,8 +130,8 @@ class Trainer:
 
     # -- helpers ---------------------------------------------------------------------------------
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        bad = 0.0 if torch.isfinite(loss.detach()).item() else 1.0
-        return dist.all_reduce([bad], "max")[0] == 0.0
+        bad = 0.0 if torch.isfinite(loss.detach()).item() else 1.0  # the one host sync per micro-batch
+        return dist.all_reduce([bad], "max", host=True)[0] == 0.0
 
     @contextlib.contextmanager
     def _skip_update(self, skip: bool):
@@ -188,7 +189,7 @@ class Trainer:
             record["mfu"] = flops / dt / (self.peak * self.info.world_size)
         if torch.cuda.is_available():
             record["mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        record.update(self.task.log_extra())
+        record.update(self.task.log_extra({"tokens": self.state.tokens, "step": self.state.step}))
         self._reset_meter()
         return {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))} | {
             "loss": record["loss"]}

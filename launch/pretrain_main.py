@@ -32,8 +32,14 @@ class PretrainTask:
         self.settings = MLMSettings(d.block_size, cfg.train.micro_batch_size, d.mlm_probability,
                                     d.whole_word_masking, cfg.train.seed, d.last_block, d.txt_documents,
                                     d.text_field, d.max_chunk_bytes, d.encoding_errors, d.audit)
-        self.files = resolve_files(d.train_files)
-        self.sizes = file_sizes(self.files)
+        if d.cache:  # a token cache from `python -m data.prepare`: shards play the role of files
+            from data.cache import check_tokenizer, read_meta, shard_names_and_sizes
+
+            check_tokenizer(read_meta(d.cache), spec, d.cache)
+            self.files, self.sizes = shard_names_and_sizes(d.cache)
+        else:
+            self.files = resolve_files(d.train_files)
+            self.sizes = file_sizes(self.files)
         saved = session.saved
         r, w = info.rank, self.workers
         if saved is None:
@@ -51,10 +57,12 @@ class PretrainTask:
                 self.rotation = saved["rotation"]
             states = all_states[r * w:(r + 1) * w]
         self.states = list(states)
-        self.dataset = MLMDataset(self.files, self.sizes, spec, self.settings, self.states, self.rotation)
+        self.dataset = MLMDataset(self.files, self.sizes, spec, self.settings, self.states, self.rotation,
+                                  cache=d.cache)
         self.loader = make_loader(self.dataset, d.num_workers)
         self.batches_seen = 0
         self.replaced = 0
+        self.dropped = 0  # tokens of epoch tails dropped by data.last_block=drop (this rank)
         self.audit_file = None
         if d.audit:
             (Path(cfg.output_dir) / "audit").mkdir(parents=True, exist_ok=True)
@@ -78,6 +86,7 @@ class PretrainTask:
         self.states[state["stream"] - self.info.rank * self.workers] = state
         self.batches_seen += 1
         self.replaced = max(self.replaced, meta.get("replaced_bytes", 0))
+        self.dropped += meta["dropped"]
         if self.audit_file is not None and meta["audit"]:
             self.audit_file.write(json.dumps({"attempt": self.attempt, "step": step, "docs": meta["audit"],
                                               "dropped": meta["dropped"] > 0}) + "\n")
@@ -91,8 +100,8 @@ class PretrainTask:
 
     def to_device(self, batch) -> dict:
         full = batch["meta"]["n_real"] == batch["meta"]["n_slots"]
-        out = {"input_ids": batch["input_ids"].to(self.device, non_blocking=True),
-               "labels": batch["labels"].to(self.device, non_blocking=True)}
+        keys = ("input_ids", "mlm_rows", "mlm_targets") if self.sparse else ("input_ids", "labels")
+        out = {k: batch[k].to(self.device, non_blocking=True) for k in keys}
         if not full:  # packed blocks are all real tokens: no mask lets SDPA take its fastest kernel
             out["attention_mask"] = batch["attention_mask"].to(self.device, non_blocking=True)
         return out
@@ -103,11 +112,12 @@ class PretrainTask:
     def null_batch(self):
         ids = torch.full((1, 8), self.spec.pad_id, dtype=torch.long)
         return {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids),
-                "meta": {"n_real": 8, "n_slots": 8}}
+                "mlm_rows": torch.zeros(1, dtype=torch.long), "mlm_targets": torch.full((1,), -100),
+                "meta": {"n_real": 8, "n_slots": 8, "n_masked": 0}}
 
     def counts(self, batch) -> dict:
         m = batch["meta"]
-        masked = int((batch["labels"] != -100).sum())
+        masked = m["n_masked"]
         return {"real_tokens": m["n_real"], "slots": m["n_slots"], "sequences": m["n_blocks"],
                 "masked": masked, "head_rows": masked if self.sparse else m["n_slots"]}
 
@@ -115,12 +125,15 @@ class PretrainTask:
         return encoder_flops(**self.arch, seq=self.settings.block_size, tokens=c.get("slots", 0),
                              head_rows=c.get("head_rows", 0))
 
-    def log_extra(self) -> dict:
-        """Data position (collective): lowest epoch in flight, documents started, bytes replaced."""
-        docs, replaced, epoch = dist.all_reduce([float(sum(s["docs"] for s in self.states)),
-                                                 float(self.replaced)], "sum") + dist.all_reduce(
-            [float(min(s["epoch"] for s in self.states))], "min")
-        return {"epoch": int(epoch), "documents": int(docs), "replaced_bytes": int(replaced)}
+    def log_extra(self, totals: dict) -> dict:
+        """Data position (collective): lowest epoch in flight, documents started, bytes replaced, and the
+        packing efficiency (corpus tokens that reached a trained block, vs dropped tails)."""
+        docs, replaced, dropped = dist.all_reduce([float(sum(s["docs"] for s in self.states)),
+                                                   float(self.replaced), float(self.dropped)], "sum", host=True)
+        epoch = dist.all_reduce([float(min(s["epoch"] for s in self.states))], "min", host=True)[0]
+        trained = totals["tokens"]
+        return {"epoch": int(epoch), "documents": int(docs), "replaced_bytes": int(replaced),
+                "packing_efficiency": trained / max(trained + dropped, 1)}
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, engine) -> dict:
@@ -132,7 +145,7 @@ class PretrainTask:
         for i in range(n_max):  # every rank runs n_max forwards: ZeRO-3 gathers weights collectively
             batch = batches[i] if i < len(batches) else self.null_batch()
             loss = engine(**self.to_device(batch))
-            k = int((batch["labels"] != -100).sum())
+            k = batch["meta"]["n_masked"]
             loss_sum += float(loss) * k
             n_masked += k
         loss_sum, n_masked = dist.all_reduce([loss_sum, float(n_masked)], "sum")

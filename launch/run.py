@@ -50,8 +50,9 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def exact_keys(cfg) -> dict:
-    """The config values that must not change between a checkpoint and its resume."""
-    return {k: v for k, v in flatten(configlib.to_dict(cfg)).items()
+    """The config values that must not change between a checkpoint and its resume (secrets redacted:
+    they are stored in the checkpoint)."""
+    return {k: v for k, v in redact(flatten(configlib.to_dict(cfg))).items()
             if not k.startswith(VOLATILE_PREFIXES)}
 
 

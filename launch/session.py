@@ -12,7 +12,7 @@ from launch.config import batch_arithmetic
 from launch.engine import build_engine, fill_ds_config, load_ds_json, resolve_precision, schedule, zero_stage
 from launch.loop import Trainer, TrainState
 from launch.metrics import MetricsLog, peak_flops
-from launch.run import StopFlag, exact_keys, write_config
+from launch.run import StopFlag, exact_keys, redact, write_config
 from launch.saver import Checkpointer
 
 
@@ -105,7 +105,7 @@ def start(s: Session, module, task, tracker=None, meta_writer=None) -> Trainer:
     metrics = MetricsLog(cfg.output_dir, info.is_main, task.total_steps, state.step,
                          progress=cfg.log.progress, tracker=tracker)
     extra = {"world_size": info.world_size, "exact": exact_keys(cfg), "zero_stage": zero_stage(s.ds_config),
-             "precision": s.precision, "command": sys.argv,
+             "precision": s.precision, "command": redact(list(sys.argv)),
              "wandb_id": tracker.run_id if tracker else (s.saved or {}).get("wandb_id")}
     if tracker is not None:
         tracker.skip_until = metrics.previous_max_step  # an exact resume re-logs identical values: skip

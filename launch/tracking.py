@@ -77,9 +77,11 @@ def make_tracker(cfg, info, session) -> Tracker | None:
         import wandb
 
         run_id = saved.get("wandb_id") or wandb.util.generate_id()
-        run = wandb.init(project=w.project, entity=w.entity, name=w.name or Path(cfg.output_dir).name,
-                         tags=list(w.tags) or None, id=run_id, resume="allow", mode=mode, dir=cfg.output_dir,
-                         config=redact(configlib.to_dict(cfg)), settings=wandb.Settings(silent=True))
+        # x_disable_meta: no command line / environment / host metadata in the run (they can hold secrets)
+        run = wandb.init(project=w.project, entity=w.entity, name=redact(w.name or Path(cfg.output_dir).name),
+                         tags=redact(list(w.tags)) or None, id=run_id, resume="allow", mode=mode,
+                         dir=cfg.output_dir, config=redact(configlib.to_dict(cfg)),
+                         settings=wandb.Settings(silent=True, x_disable_meta=True, save_code=False))
     except Exception as e:
         warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); continuing without it", stacklevel=2)
         return None

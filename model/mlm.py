@@ -22,22 +22,30 @@ def _head(model: nn.Module):
 
 
 class MaskedLM(nn.Module):
-    """forward(input_ids, labels, attention_mask=None) -> mean cross-entropy over labelled positions."""
+    """forward(input_ids, labels | (mlm_rows, mlm_targets), attention_mask=None) -> mean cross-entropy over
+    the labelled positions.
+
+    mlm_rows (int64[M]) are flat indices into [B*L] of the masked positions and mlm_targets (int64[M]) their
+    labels, both computed by the dataloader on the CPU: with them the GPU never waits for a `nonzero`
+    (a host sync per step). M may be padded with target -100 rows (ignored) to keep shapes steady."""
 
     def __init__(self, hf_model: nn.Module, sparse_head: bool = True):
         super().__init__()
         self.hf = hf_model
         self.sparse = sparse_head and _head(hf_model) is not None
 
-    def forward(self, input_ids, labels, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, labels=None, attention_mask=None, token_type_ids=None, mlm_rows=None,
+                mlm_targets=None):
         if not self.sparse:
             return self.hf(input_ids=input_ids, attention_mask=attention_mask,
                            token_type_ids=token_type_ids, labels=labels).loss
         hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                     token_type_ids=token_type_ids).last_hidden_state  # [B, L, H]
-        flat = labels.reshape(-1)  # [B*L]
-        rows = torch.nonzero(flat != -100).squeeze(1)  # [M] masked positions
-        logits = _head(self.hf)(hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows))  # [M, V]
-        loss_sum = F.cross_entropy(logits.float(), flat.index_select(0, rows), reduction="sum")
-        # sum / M, and 0 (not NaN) for a batch with nothing masked
-        return loss_sum / rows.numel() if rows.numel() else loss_sum * 0.0
+        if mlm_rows is None:  # labels given as a dense [B, L] tensor: find the masked rows here
+            flat = labels.reshape(-1)  # [B*L]
+            mlm_rows = torch.nonzero(flat != -100).squeeze(1)  # [M]
+            mlm_targets = flat.index_select(0, mlm_rows)
+        logits = _head(self.hf)(hidden.reshape(-1, hidden.shape[-1]).index_select(0, mlm_rows))  # [M, V]
+        loss_sum = F.cross_entropy(logits.float(), mlm_targets, reduction="sum", ignore_index=-100)
+        count = (mlm_targets != -100).sum()
+        return loss_sum / count.clamp(min=1)  # 0 (not NaN) for a batch with nothing masked

@@ -7,7 +7,7 @@ from data.mask import block_key, mask_tokens
 from data.mlm import MLMSettings, collate_blocks
 from data.pack import Packer, PieceTokens
 from data.sources import file_sizes
-from data.stream import StreamState, TextStream
+from data.stream import StreamState, TextStream, text_readers
 from data.tokenize import load_spec
 from tests.helpers import WIKI_VALID, make_corpus, needs_shared
 
@@ -20,9 +20,8 @@ def spec():
 def stream_blocks(files, spec, block, last_block="pad", n_streams=1, mode="blank_line"):
     out = []
     for s in range(n_streams):
-        out += list(TextStream(files, file_sizes(files), spec, mode=mode, text_field="text",
-                               max_chunk_bytes=1 << 20, errors="strict", block_size=block, seed=0,
-                               last_block=last_block, state=StreamState(s, n_streams), finite=True))
+        out += list(TextStream(text_readers(files, mode, "text", 1 << 20, "strict"), file_sizes(files), spec,
+                               block_size=block, last_block=last_block, state=StreamState(s, n_streams), finite=True))
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 
 from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
 from data.sources import PieceReader, Segment, file_sizes, partition
-from data.stream import StreamState, TextStream, replan
+from data.stream import StreamState, TextStream, replan, text_readers
 from data.tokenize import load_spec
 from tests.helpers import make_corpus
 
@@ -85,9 +85,8 @@ def test_long_line_streams_in_pieces(tmp_path, spec):
     pieces = list(reader.pieces(Segment(0, 0, path.stat().st_size)))
     assert len(pieces) > 40 and max(len(p.text.encode()) for p in pieces) <= 1 << 16
     assert [p.doc_start for p in pieces].count(True) == 3 and [p.doc_end for p in pieces].count(True) == 3
-    stream = TextStream([str(path)], file_sizes([str(path)]), spec, mode="line", text_field="text",
-                        max_chunk_bytes=1 << 16, errors="strict", block_size=128, seed=0, last_block="pad",
-                        state=StreamState(0, 1), finite=True)
+    stream = TextStream(text_readers([str(path)], "line", "text", 1 << 16, "strict"), file_sizes([str(path)]),
+                        spec, block_size=128, last_block="pad", state=StreamState(0, 1), finite=True)
     ours = torch.tensor([t for b in stream for t in b.tokens.tolist()])
     ref = []
     for text in ["short doc one", line, "short doc two"]:
@@ -127,16 +126,16 @@ def test_two_ranks_two_workers_real_loader(tmp_path, spec):
 
 def consume(state_dict, files, spec, n_blocks, block=32):
     """Blocks of one stream from a saved state; returns (docs->tokens of those blocks, state after)."""
-    stream = TextStream(files, file_sizes(files), spec, mode="blank_line", text_field="text",
-                        max_chunk_bytes=1 << 20, errors="strict", block_size=block, seed=0, last_block="pad",
-                        state=StreamState.from_dict(state_dict), finite=True, audit=True)
+    stream = TextStream(text_readers(files, "blank_line", "text", 1 << 20, "strict"), file_sizes(files), spec,
+                        block_size=block, last_block="pad", state=StreamState.from_dict(state_dict), finite=True,
+                        audit=True)
     seen, state, blocks = Counter(), state_dict, []
     for i, b in enumerate(stream):
         if i == n_blocks:
             break
         for _, doc, n in b.audit:
             seen[doc] += n
-        state, blocks = b.state, blocks + [b.tokens.tolist()]
+        state, blocks = stream.state.to_dict(), blocks + [b.tokens.tolist()]
     return seen, state, blocks
 
 

@@ -1,0 +1,122 @@
+"""Build a token cache once, in parallel: `python -m data.prepare --config RUN.yaml --out DIR [--workers N]`.
+
+Reads data.train_files (and tokenizer, data.txt_documents, data.text_field, ...) from a pretraining config
+(or --files / --tokenizer), tokenizes with one process per core, and writes memory-mapped shards that
+training reads with data.cache=DIR (see data/cache.py). meta.json is written last: an interrupted build
+is never mistaken for a complete one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from data.cache import META
+from data.sources import file_sizes, partition, resolve_files
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _build_shard(job) -> tuple[int, int, int]:
+    """Tokenize one byte range of the corpus into shard files; returns (index, tokens, documents)."""
+    index, segs, files, spec, opts, out = job
+    from data.stream import StreamState, TextStream, text_readers
+
+    readers = text_readers(files, opts["mode"], opts["text_field"], opts["max_chunk_bytes"], opts["errors"])
+    stream = TextStream(readers, [0] * len(files), spec, block_size=1, last_block="pad",
+                        state=StreamState(0, 1, segments=segs), finite=True)
+    dtype = np.uint16 if spec.vocab_size <= 1 << 16 else np.uint32
+    starts, n = [], 0
+    with open(Path(out) / f"shard_{index:05d}.bin", "wb") as f:
+        for rec in stream._tokenized(stream.state, segs):  # pieces in order, [CLS]/[SEP] in place
+            if rec.doc_start:
+                starts.append(n)
+            rec.tokens.astype(dtype).tofile(f)
+            n += len(rec.tokens)
+    np.save(Path(out) / f"shard_{index:05d}.docs.npy", np.array(starts + [n], dtype=np.int64))
+    return index, n, len(starts)
+
+
+def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_line", text_field: str = "text",
+            max_chunk_bytes: int = 1 << 20, errors: str = "strict", workers: int | None = None,
+            shard_bytes: int = 64 << 20) -> dict:
+    from data.tokenize import load_spec
+
+    files = resolve_files(files)
+    sizes = file_sizes(files)
+    spec = load_spec(tokenizer)
+    workers = workers or os.cpu_count() or 1
+    n_shards = max(workers, -(-sum(sizes) // shard_bytes))
+    plan = [segs for segs in partition(sizes, n_shards) if segs]
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / META).unlink(missing_ok=True)
+    opts = {"mode": mode, "text_field": text_field, "max_chunk_bytes": max_chunk_bytes, "errors": errors}
+    jobs = [(i, segs, files, spec, opts, str(outdir)) for i, segs in enumerate(plan)]
+    t0 = time.time()
+    if workers > 1:
+        with get_context("spawn").Pool(workers) as pool:
+            results = sorted(pool.map(_build_shard, jobs, chunksize=1))
+    else:
+        results = [_build_shard(j) for j in jobs]
+    seconds = time.time() - t0
+    meta = {"version": 1, "dtype": "uint16" if spec.vocab_size <= 1 << 16 else "uint32",
+            "tokenizer": {"path": spec.path, "vocab_size": spec.vocab_size, "sha256": file_sha256(spec.path)},
+            "source": {"files": files, "sizes": sizes, "txt_documents": mode, "text_field": text_field},
+            "shards": [{"tokens": f"shard_{i:05d}.bin", "docs": f"shard_{i:05d}.docs.npy", "n_tokens": n,
+                        "n_docs": d} for i, n, d in results],
+            "n_tokens": sum(r[1] for r in results), "n_docs": sum(r[2] for r in results),
+            "build_seconds": round(seconds, 3)}
+    tmp = outdir / (META + ".part")
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, outdir / META)
+    return meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="a pretraining YAML: its data.* and tokenizer are used")
+    p.add_argument("--files", nargs="*", help="paths/globs (instead of the config's data.train_files)")
+    p.add_argument("--tokenizer", help="tokenizer (default: the config's, else bert-base-uncased)")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    args = p.parse_args(argv)
+    from launch import configlib
+    from launch.config import PretrainConfig
+
+    d, tokenizer = None, args.tokenizer or "bert-base-uncased"
+    if args.config:
+        try:
+            cfg = configlib.load(PretrainConfig, args.config, args.overrides)
+        except configlib.ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        d, tokenizer = cfg.data, args.tokenizer or cfg.tokenizer
+    files = args.files or (d.train_files if d else None)
+    if not files:
+        print("error: give --files or a --config with data.train_files", file=sys.stderr)
+        return 2
+    kw = {"mode": d.txt_documents, "text_field": d.text_field, "max_chunk_bytes": d.max_chunk_bytes,
+          "errors": d.encoding_errors} if d else {}
+    meta = prepare(files, tokenizer, args.out, workers=args.workers, **kw)
+    rate = meta["n_tokens"] / max(meta["build_seconds"], 1e-9)
+    print(f"token cache {args.out}: {meta['n_tokens']} tokens, {meta['n_docs']} documents, "
+          f"{len(meta['shards'])} shard(s) in {meta['build_seconds']:.1f}s ({rate / 1e6:.2f}M tokens/s); "
+          f"train with data.cache={args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Shared body of the sbatch scripts: run the ranks with srun, forward stop signals, requeue on exit 75.
+#   run_steps.sh ENTRY CONFIG [key=value ...]      (called by slurm/*.sbatch inside the allocation)
+set -uo pipefail
+ENTRY=$1; CONFIG=${2:?usage: sbatch slurm/<script>.sbatch CONFIG.yaml [key=value ...]}; shift 2
+cd "${SLURM_SUBMIT_DIR:-.}"
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+MAX_REQUEUES=${MAX_REQUEUES:-50}
+RESTARTS=${SLURM_RESTART_COUNT:-0}
+echo "[slurm] job ${SLURM_JOB_ID} (restart ${RESTARTS}) on ${SLURM_JOB_NODELIST}: ${ENTRY} ${CONFIG} $*"
+
+# The batch shell gets USR1 from --signal=B:... or `scancel --signal=USR1 --batch`, and TERM on preemption:
+# pass it on to every task of the step; the ranks checkpoint at the next step boundary and exit 75.
+forward() { echo "[slurm] $1 received: asking the ranks to checkpoint"; scancel --signal=USR1 "${SLURM_JOB_ID}" 2>/dev/null \
+            || kill -USR1 "$SRUN_PID" 2>/dev/null; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+srun --kill-on-bad-exit=1 --export=ALL "$PY" "$ENTRY" --config "$CONFIG" "$@" &
+SRUN_PID=$!
+while true; do  # `wait` returns early when a trapped signal arrives: keep waiting for srun itself
+    wait "$SRUN_PID"; CODE=$?
+    kill -0 "$SRUN_PID" 2>/dev/null || break
+done
+echo "[slurm] ranks exited with code ${CODE}"
+if [ "$CODE" -eq 75 ]; then
+    if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
+        echo "[slurm] checkpointed, but ${RESTARTS} requeues reached MAX_REQUEUES=${MAX_REQUEUES}: not requeueing"
+        exit 75
+    fi
+    echo "[slurm] checkpointed: requeueing job ${SLURM_JOB_ID} to resume"
+    scontrol requeue "${SLURM_JOB_ID}"
+    exit 0
+fi
+exit "$CODE"

@@ -1,0 +1,100 @@
+"""wandb (offline), metrics, progress lines, secrets, and the run report."""
+
+import json
+import warnings
+
+import pytest
+
+from launch.metrics import truncate_after
+from launch.tracking import Tracker
+from tests.helpers import REPO, make_corpus, run, run_and_kill, wandb_history, write_yaml
+
+SECRET_ENV = "s3cr3t-env-value-0123456789"
+SECRET_CFG = "hf_AbCdEfGhIjKlMnOpQrStUv12"
+
+
+@pytest.mark.slow
+def test_offline_wandb_survives_kill_and_resume_as_one_run_without_secrets(tmp_path):
+    corpus = make_corpus(tmp_path / "c.txt", 300)
+    cfg = write_yaml(tmp_path / "w.yaml", {
+        "output_dir": str(tmp_path / "out"), "model": {"preset": "tiny"},
+        "data": {"train_files": [str(corpus)], "block_size": 64, "num_workers": 1},
+        "train": {"max_steps": 12, "micro_batch_size": 8, "lr": 2e-3, "precision": "fp32"},
+        "deepspeed": {"config": "ds_configs/zero0.json"}, "eval": {"every": 6, "max_batches": 2},
+        "log": {"every": 2, "wandb": {"mode": "offline", "project": "t", "name": SECRET_CFG, "tags": ["x"]}},
+        "checkpoint": {"every": 4}})
+    out = tmp_path / "out"
+    secret_env = {"MY_SERVICE_TOKEN": SECRET_ENV}
+    overrides = ["data.eval_files=[" + str(corpus) + "]"]
+    run_and_kill("pretrain", 0, cfg, overrides, out, 7, **secret_env)
+    proc = run("pretrain", 0, cfg, overrides, **secret_env)
+    # plain progress lines (stdout is not a terminal here)
+    assert "step 12/12 loss=" in proc.stdout and "eta=" in proc.stdout
+    run_dirs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 2  # the killed attempt and the resumed one ...
+    rows = [r for d in run_dirs for r in wandb_history(d)]
+    assert len({run_id for run_id, _, _ in rows}) == 1  # ... are one wandb run
+    steps = [step for _, step, _ in rows]
+    assert sorted(set(steps)) == [2, 4, 6, 8, 10, 12]
+    train_rows = [items for _, _, items in rows if "loss" in items]
+    assert sorted(s for (_, s, items) in rows if "loss" in items) == [2, 4, 6, 8, 10, 12]  # no step twice
+    for key in ("loss", "lr", "tokens", "tokens_per_s", "samples_per_s", "grad_norm", "real_token_frac",
+                "packing_efficiency", "epoch", "documents", "skipped_steps"):
+        assert all(key in items for items in train_rows), key
+    assert any("eval_loss" in items and "perplexity" in items for _, _, items in rows)
+    # secrets planted in the environment and the config appear nowhere in the outputs
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET_ENV.encode() not in data and SECRET_CFG.encode() not in data, path
+    assert SECRET_CFG not in proc.stdout + proc.stderr
+    assert "<redacted>" in (out / "config.yaml").read_text()
+
+
+def test_tracker_failure_warns_and_training_goes_on():
+    class Broken:
+        id = "x"
+
+        def log(self, *a, **k):
+            raise ConnectionError("wandb backend unreachable")
+
+    t = Tracker(Broken())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t.log({"step": 1, "loss": 1.0})
+        t.log({"step": 2, "loss": 0.5})  # after the first failure: silent no-op
+    assert t.failed and len(w) == 1 and "training continues" in str(w[0].message)
+
+
+def test_metrics_truncated_to_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "lo')
+    assert truncate_after(path, 4) == 7
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_report_writes_plots_and_summary(tmp_path):
+    for name, scale in (("run_a", 1.0), ("run_b", 0.8)):
+        d = tmp_path / name
+        d.mkdir()
+        lines = [{"step": s, "loss": scale * (10 - s / 10), "lr": 1e-3 * min(1, s / 10), "tokens": 4096 * s,
+                  "tokens_per_s": 5000.0 + s, "mfu": 0.3, "time": 2.0 * s} for s in range(1, 51)]
+        lines += [{"step": 25, "eval_loss": 6.0 * scale, "perplexity": 400.0}, {"step": 50, "eval_loss": 5.0 * scale,
+                                                                                 "perplexity": 148.4}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    proc = run_report(tmp_path / "run_a", tmp_path / "run_b", out=tmp_path / "rep")
+    assert proc.returncode == 0, proc.stderr
+    for png in ("loss.png", "eval.png", "lr.png", "throughput.png", "mfu.png"):
+        data = (tmp_path / "rep" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| run_a | 50 | 5 | 204800 |" in md and "| run_b | 50 | 4 | 204800 |" in md
+    assert "![loss.png](loss.png)" in md
+
+
+def run_report(*runs, out):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "launch.report", *map(str, runs), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True)
