@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 PEAK, FLOP_668 = 989.4e12, 668e6
 NODROP = ("model.hidden_dropout=0", "model.attention_dropout=0")
 COMPILE = [True]  # set to False after the first torch.compile failure
+RUNS = Path(os.environ.get("BENCH_RUNS", "/tmp/gpu_pretrain_runs"))  # run folders stay on the machine
 OUT = None
 
 
@@ -131,7 +132,7 @@ def hf_trainer(batch: int, seq: int, steps: int, warm: int, tiny: bool):
 
 
 def ours(stage: int, batch: int, seq: int, steps: int, tiny: bool, tokenizer: str, workers: int, compile_: bool,
-         info, extra=()):
+         info, extra=(), tag=""):
     import torch
 
     from launch import configlib
@@ -139,7 +140,8 @@ def ours(stage: int, batch: int, seq: int, steps: int, tiny: bool, tokenizer: st
     from launch.pretrain_main import run
 
     cuda = torch.cuda.is_available()
-    out = OUT / f"ours_zero{stage}_b{batch}{'_nodrop' if extra else ''}"
+    name = f"ours_zero{stage}_b{batch}" + (f"_{tag}" if tag else "")
+    out = RUNS / name
     overrides = [f"output_dir={out}", f"tokenizer={tokenizer}", "model.preset=" + ("tiny" if tiny else "bert-base"),
                  "data.train_files=[embedded:pydoc]", f"data.block_size={seq}", f"data.num_workers={workers}",
                  f"train.max_steps={steps}", f"train.micro_batch_size={batch}", "train.lr=1e-4",
@@ -159,7 +161,9 @@ def ours(stage: int, batch: int, seq: int, steps: int, tiny: bool, tokenizer: st
     steady = [r for r in recs if r["step"] > max(steps // 3, min(20, steps - 5))]  # after compile, warm-up
     tps = statistics.median(r["tokens_per_s"] for r in steady)
     mfu = statistics.median(r.get("mfu", 0) or 0 for r in steady)
-    emit(case=f"ours_zero{stage}" + ("_nodrop" if extra else ""), batch=batch, compile=compile_,
+    if (out / "profile.txt").is_file():
+        (OUT / f"profile_{name}.txt").write_text((out / "profile.txt").read_text())
+    emit(case=name, batch=batch, compile=compile_,
          tokens_per_s=round(tps),
          mfu_actual_flops=round(mfu, 4), mfu_668=round(tps * FLOP_668 / PEAK, 4),
          peak_mem_gib=round(max(r.get("mem_peak_gib", 0) or 0 for r in recs), 2), wall_s=round(wall, 1),
@@ -177,7 +181,8 @@ def main() -> None:
     p.add_argument("--tokenizer", default="bert-base-uncased")
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of this script")
     p.add_argument("--steps", type=int, default=80)
-    p.add_argument("--cases", default="plain,ours2,ours2_nodrop,ours0,ours2_512_nodrop,trainer,ours1,ours3")
+    p.add_argument("--cases", default="plain,ours:2:1,ours:2:1:nodrop,ours:0:1,ours:2:2:nodrop,trainer,ours:1:1,"
+                                      "ours:3:1")
     args = p.parse_args()
     OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -200,19 +205,22 @@ def main() -> None:
     workers = 2 if args.tiny else 8
     info = dist.init(600)
     cases = args.cases.split(",")
+    def ours_case(spec: str):
+        """ours:<stage>:<batch x 256 | tiny batch>:<flags joined by +> e.g. ours:1:2:nodrop+fast
+        flags: nodrop (dropout 0), fast (train.nan_check=log_steps: no per-step host sync), prof (profile)."""
+        _, stage, mult, *flags = spec.split(":")
+        flags = flags[0].split("+") if flags and flags[0] else []
+        extra = (NODROP if "nodrop" in flags else ()) + (("train.nan_check=log_steps",) if "fast" in flags else ())
+        extra += ("log.profile=true",) if "prof" in flags else ()
+        stage = int(stage)
+        return lambda: ours(stage, batch * int(mult), seq, steps, args.tiny, args.tokenizer, workers,
+                            cuda and stage != 3, info, extra, tag="_".join(flags))
+
     runners = {
         "plain": lambda: hf_plain(batch, seq, 30 if not args.tiny else 4, 10 if not args.tiny else 2, args.tiny),
         "trainer": lambda: hf_trainer(batch, seq, 30 if not args.tiny else 4, 10 if not args.tiny else 2, args.tiny),
-        "ours2": lambda: ours(2, batch, seq, steps, args.tiny, args.tokenizer, workers, cuda, info),
-        "ours0": lambda: ours(0, batch, seq, steps, args.tiny, args.tokenizer, workers, cuda, info),
-        "ours1": lambda: ours(1, batch, seq, steps, args.tiny, args.tokenizer, workers, cuda, info),
-        "ours3": lambda: ours(3, batch, seq, steps, args.tiny, args.tokenizer, workers, False, info),
-        "ours2_512": lambda: ours(2, 2 * batch, seq, steps, args.tiny, args.tokenizer, workers, cuda, info),
-        # dropout off (as in recent BERT recipes such as ModernBERT's pretraining): no RNG masks to draw
-        "ours2_nodrop": lambda: ours(2, batch, seq, steps, args.tiny, args.tokenizer, workers, cuda, info, NODROP),
-        "ours2_512_nodrop": lambda: ours(2, 2 * batch, seq, steps, args.tiny, args.tokenizer, workers, cuda, info,
-                                         NODROP),
     }
+    runners.update({c: ours_case(c) for c in cases if c.startswith("ours:")})
     results = {}
     for name in cases:
         try:
@@ -232,6 +240,7 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
     if "plain" in results:
+        results = {k: v for k, v in results.items() if v}
         emit(summary={k: round(v / results["plain"], 3) for k, v in results.items()}, note="tokens/s vs hf_plain")
     dist.destroy()
 

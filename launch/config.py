@@ -113,6 +113,10 @@ class TrainConfig:
     or a path to a checkpoint folder."""
     nan_policy: Literal["skip", "stop"] = "skip"
     """Non-finite loss: skip = drop that step (counted) and continue; stop = checkpoint last good state and exit."""
+    nan_check: Literal["micro_batch", "log_steps"] = "micro_batch"
+    """micro_batch: test every micro-batch's loss before its backward (one host sync each; a bad batch is
+    dropped before it touches the weights); log_steps: only at log steps (no per-step sync, faster on GPUs;
+    a non-finite loss then stops the run, keeping the last checkpoint)."""
     max_bad_steps: int = 20
     """Stop anyway after this many consecutive non-finite steps."""
     dist_timeout_s: int = 600
@@ -155,6 +159,8 @@ class LogConfig:
     """Write a metrics line (metrics.jsonl, wandb, console) every N steps."""
     progress: bool = True
     """tqdm progress bar on rank 0 (plain log lines when stdout is not a terminal)."""
+    profile: bool = False
+    """Profile steps 11-15 with torch.profiler: output_dir/profile.txt (top ops) and profile_trace.json."""
     peak_tflops: float | None = None
     """Peak FLOP/s of one device (TFLOP/s) for MFU; None: from the built-in table."""
     wandb: WandbConfig = field(default_factory=WandbConfig)

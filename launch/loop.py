@@ -40,6 +40,8 @@ class Trainer:
         self.state, self.accum, self.metrics, self.saver = state, accum, metrics, saver
         self.stop_flag, self.trainer_extra, self.peak = stop_flag, trainer_extra, peak_flops
         self.bad_in_row = 0
+        self.check_each = cfg.train.nan_check == "micro_batch"
+        self.profiler = Profiler(cfg.output_dir, info.is_main) if cfg.log.profile else None
         self.p_tokens = self.p_samples = 0  # this rank's counts not yet in state.tokens/samples
         self._reset_meter()
         self.t_start = time.time()
@@ -54,7 +56,7 @@ class Trainer:
                 batch = next(batches)  # input_ids/labels/attention_mask: int64[B, L]
                 task.consumed(batch, self.state.step + 1)  # the data position this batch leaves
                 loss = task.forward(engine, batch)  # mean loss of the micro-batch, on every rank
-                if not self._all_finite(loss):  # NaN/inf on any rank: all ranks drop this micro-batch
+                if self.check_each and not self._all_finite(loss):  # NaN/inf on any rank: all drop it
                     bad += 1
                     loss = task.forward(engine, task.null_batch())  # zero loss, same collectives
                 engine.backward(loss)
@@ -62,6 +64,8 @@ class Trainer:
                     engine.step()  # DeepSpeed runs the optimizer on the accumulation boundary
                 self._meter(batch, loss)
             self.state.step += 1
+            if self.profiler is not None:
+                self.profiler.step(self.state.step)
             code = self._after_step(bad)  # log, eval, checkpoint, signals, non-finite policy
             if code is not None:
                 return code
@@ -86,6 +90,12 @@ class Trainer:
         if step % cfg.log.every == 0 or step == self.task.total_steps:
             record = self._log_record()
             self.metrics.write(record)
+            if not self.check_each and not math.isfinite(record["loss"]):  # nan_check=log_steps
+                self.metrics.info(f"stopping: non-finite loss in the steps before {step}; resume from the last "
+                                  f"checkpoint in {self.saver.root} (lower train.lr, or use train.nan_check="
+                                  "micro_batch to drop bad batches instead)")
+                self.metrics.close()
+                return EXIT_NONFINITE
         self.metrics.step(step, record)
         if self.task.eval_every and step % self.task.eval_every == 0 and step < self.task.total_steps:
             self.evaluate()
@@ -193,3 +203,30 @@ class Trainer:
         self._reset_meter()
         return {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))} | {
             "loss": record["loss"]}
+
+
+class Profiler:
+    """torch.profiler over steps 11-15 (after warm-up and compilation): a table and a Chrome trace."""
+
+    def __init__(self, output_dir: str, is_main: bool, first: int = 11, last: int = 15):
+        self.dir, self.is_main, self.first, self.last, self.prof = output_dir, is_main, first, last, None
+
+    def step(self, step: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        if step == self.first - 1:
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+        elif step == self.last and self.prof is not None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            if self.is_main:
+                from pathlib import Path
+
+                key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                table = self.prof.key_averages().table(sort_by=key, row_limit=40)
+                (Path(self.dir) / "profile.txt").write_text(table)
+                self.prof.export_chrome_trace(str(Path(self.dir) / "profile_trace.json"))
+            self.prof = None
