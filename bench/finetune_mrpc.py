@@ -126,7 +126,12 @@ def main() -> None:
     if not args.skip_hf:
         result["hf_trainer"] = hf_trainer(args.seed, args.lr, work)
         print("hf", json.dumps(result["hf_trainer"]), flush=True)
+    elif "hf_trainer" in previous:
+        result["hf_trainer"] = previous["hf_trainer"]
+    if "hf_trainer" in result:
         result["speedup_train_time"] = round(result["hf_trainer"]["train_seconds"] / result["ours"]["train_seconds"], 3)
+        result["gate_passed"] = (result["ours"]["accuracy"] >= result["hf_trainer"]["accuracy"]
+                                 and result["ours"]["f1"] >= result["hf_trainer"]["f1"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")

@@ -100,6 +100,16 @@ class Block:
     # is paused there); callers snapshot it with stream.state.to_dict() only where they need it.
 
 
+def empty_streams(readers: list, sizes: list[int], n: int) -> list[int]:
+    """Streams (of a fresh n-way split) that own no document at all: found before training starts, by
+    reading at most one piece per segment, so no rank waits forever for data that never comes."""
+    empty = []
+    for s, segs in enumerate(partition(sizes, n)):
+        if not any(next(iter(readers[seg.file].pieces(seg)), None) is not None for seg in segs):
+            empty.append(s)
+    return empty
+
+
 def text_readers(files: list[str], mode: str, text_field: str, max_chunk_bytes: int, errors: str):
     return [PieceReader(p, mode, text_field, max_chunk_bytes, errors) for p in files]
 

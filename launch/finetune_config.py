@@ -76,8 +76,9 @@ class FinetuneTrainConfig(TrainConfig):
     """AdamW weight decay (HF Trainer's default is 0)."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
-    warmup_ratio: float = 0.0
-    """Warmup as a fraction of all steps (used when train.warmup_steps is 0)."""
+    warmup_ratio: float = 0.1
+    """Warmup as a fraction of all steps (used when train.warmup_steps is 0); BERT's fine-tuning recipe
+    uses 10%."""
 
 
 @dataclass

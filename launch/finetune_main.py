@@ -176,6 +176,7 @@ def main(argv=None) -> int:
 def run(cfg: FinetuneConfig, info) -> int:
     from launch import session as sess
     from launch.finish import load_task_data, meta_writer_for
+    from model.build import check_positions
     from model.classify import Classifier, load_classifier
 
     data = load_task_data(cfg)
@@ -191,6 +192,7 @@ def run(cfg: FinetuneConfig, info) -> int:
     id2label = None if labels.kind == "regression" else dict(enumerate(labels.names))
     hf_model, hf_config = load_classifier(cfg.model, labels.num_labels, id2label, labels.kind == "regression",
                                           len(data.tokenizer), cfg.train.seed, data.pad_id)
+    check_positions(hf_config, cfg.task.max_length, "task.max_length")
     seed_everything(cfg.train.seed + 7919 * info.rank)
     s = sess.plan(cfg, info, 1, hf_config.hidden_size)
     task = FinetuneTask(cfg, info, data, hf_config, s.accum, s)

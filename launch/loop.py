@@ -18,6 +18,7 @@ import torch
 
 from launch import dist
 from launch.run import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from launch.watchdog import Heartbeat
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Trainer:
         self.stop_flag, self.trainer_extra, self.peak = stop_flag, trainer_extra, peak_flops
         self.bad_in_row = 0
         self.check_each = cfg.train.nan_check == "micro_batch"
+        self.heartbeat = Heartbeat(cfg.output_dir, info.rank, info.world_size, cfg.train.dist_timeout_s)
+        self.faults = FaultInjection(info.rank, lambda: self.state.step + 1)
+        self.spikes = SpikeDetector()
         self.profiler = Profiler(cfg.output_dir, info.is_main) if cfg.log.profile else None
         self.p_tokens = self.p_samples = 0  # this rank's counts not yet in state.tokens/samples
         self._reset_meter()
@@ -55,7 +59,7 @@ class Trainer:
             for i in range(self.accum):  # gradient accumulation over `accum` micro-batches
                 batch = next(batches)  # input_ids/labels/attention_mask: int64[B, L]
                 task.consumed(batch, self.state.step + 1)  # the data position this batch leaves
-                loss = task.forward(engine, batch)  # mean loss of the micro-batch, on every rank
+                loss = self.faults(task.forward(engine, batch))  # mean loss of the micro-batch
                 if self.check_each and not self._all_finite(loss):  # NaN/inf on any rank: all drop it
                     bad += 1
                     loss = task.forward(engine, task.null_batch())  # zero loss, same collectives
@@ -64,6 +68,7 @@ class Trainer:
                     engine.step()  # DeepSpeed runs the optimizer on the accumulation boundary
                 self._meter(batch, loss)
             self.state.step += 1
+            self.heartbeat.beat(self.state.step)  # progress, for the hung/dead-rank watchdog
             if self.profiler is not None:
                 self.profiler.step(self.state.step)
             code = self._after_step(bad)  # log, eval, checkpoint, signals, non-finite policy
@@ -89,6 +94,10 @@ class Trainer:
         record = None
         if step % cfg.log.every == 0 or step == self.task.total_steps:
             record = self._log_record()
+            if self.spikes.is_spike(record["loss"]):
+                record["loss_spike"] = 1
+                self.metrics.info(f"WARNING: loss spike at step {step}: {record['loss']:.4g} (recent mean "
+                                  f"{self.spikes.mean:.4g}); watch for divergence (lower train.lr / more warmup)")
             self.metrics.write(record)
             if not self.check_each and not math.isfinite(record["loss"]):  # nan_check=log_steps
                 self.metrics.info(f"stopping: non-finite loss in the steps before {step}; resume from the last "
@@ -110,6 +119,7 @@ class Trainer:
         return None
 
     def _finish(self) -> int:
+        self.heartbeat.pause()  # rank 0 exports alone now: not a hang
         self.evaluate()
         if self.cfg.checkpoint.at_end:
             self.save()  # the final checkpoint is also the source of output_dir/final
@@ -133,6 +143,7 @@ class Trainer:
         return result
 
     def save(self):
+        self.heartbeat.beat(self.state.step)
         self._flush_totals()
         trainer = {"state": asdict(self.state), **self.trainer_extra, **self.task.data_state()}
         trainer["state"]["elapsed_s"] = self.state.elapsed_s + time.time() - self.t_start
@@ -230,3 +241,44 @@ class Profiler:
                 (Path(self.dir) / "profile.txt").write_text(table)
                 self.prof.export_chrome_trace(str(Path(self.dir) / "profile_trace.json"))
             self.prof = None
+
+
+class SpikeDetector:
+    """Warns when a logged loss jumps far above its recent exponential mean (a sign of divergence)."""
+
+    def __init__(self, alpha: float = 0.1, sigmas: float = 4.0, warmup: int = 5):
+        self.alpha, self.sigmas, self.warmup = alpha, sigmas, warmup
+        self.mean, self.var, self.n = 0.0, 0.0, 0
+
+    def is_spike(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False
+        spike = self.n >= self.warmup and loss > self.mean + self.sigmas * math.sqrt(self.var) and \
+            loss > 1.2 * self.mean
+        if not spike:  # spikes do not pollute the running statistics
+            d = loss - self.mean if self.n else 0.0
+            self.mean = loss if not self.n else self.mean + self.alpha * d
+            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
+            self.n += 1
+        return spike
+
+
+class FaultInjection:
+    """Test hooks, inert unless set: BERTLAUNCH_NAN_AT_STEP=k makes step k's loss NaN;
+    BERTLAUNCH_HANG_AT_STEP=k with BERTLAUNCH_HANG_RANK=r makes rank r hang at step k."""
+
+    def __init__(self, rank: int, next_step):
+        import os
+
+        self.rank, self.next_step = rank, next_step
+        self.nan_at = int(os.environ.get("BERTLAUNCH_NAN_AT_STEP", 0))
+        self.hang_at = int(os.environ.get("BERTLAUNCH_HANG_AT_STEP", 0))
+        self.hang_rank = int(os.environ.get("BERTLAUNCH_HANG_RANK", -1))
+
+    def __call__(self, loss):
+        step = self.next_step()
+        if self.hang_at and step == self.hang_at and self.rank == self.hang_rank:
+            time.sleep(1 << 20)
+        if self.nan_at and step == self.nan_at:
+            return loss * float("nan")
+        return loss

@@ -42,6 +42,7 @@ class PretrainTask:
             self.sizes = file_sizes(self.files)
         saved = session.saved
         r, w = info.rank, self.workers
+        self._check_streams(info.world_size * w)
         if saved is None:
             states, self.rotation = initial_states(r, info.world_size, w), 0
         else:
@@ -71,6 +72,25 @@ class PretrainTask:
             self.attempt = dist.all_gather_object(time.time())[0]
         self.eval_batches = None
         self.device = dist.device()
+
+    def _check_streams(self, n: int) -> None:
+        from data.sources import DataError
+        from data.stream import empty_streams, text_readers
+
+        if sum(self.sizes) == 0:
+            raise DataError(f"data.train_files: every file is empty ({', '.join(self.files)})")
+        if self.cfg.data.cache:
+            from data.cache import cache_readers
+
+            readers = cache_readers(self.cfg.data.cache)
+        else:
+            d = self.cfg.data
+            readers = text_readers(self.files, d.txt_documents, d.text_field, d.max_chunk_bytes, d.encoding_errors)
+        empty = empty_streams(readers, self.sizes, n)
+        if empty:
+            raise DataError(f"{len(empty)} of {n} data streams (world_size x data.num_workers) would get no "
+                            f"document: the corpus is too small to split that many ways (streams {empty[:8]}); "
+                            "lower data.num_workers, use fewer ranks, or add data")
 
     # -- training data -----------------------------------------------------------------------------
     def batches(self):
@@ -214,12 +234,13 @@ def main(argv=None) -> int:
 def run(cfg: PretrainConfig, info) -> int:
     from data.tokenize import load_hf_tokenizer, load_spec
     from launch import session as sess
-    from model.build import load_mlm
+    from model.build import check_positions, load_mlm
     from model.mlm import MaskedLM
 
     spec = load_spec(cfg.tokenizer)
     seed_everything(cfg.train.seed)
     hf_model, hf_config = load_mlm(cfg.model, spec, cfg.train.seed)  # same initial weights on every rank
+    check_positions(hf_config, cfg.data.block_size, "data.block_size")
     seed_everything(cfg.train.seed + 7919 * info.rank)  # distinct dropout per rank (restored on resume)
     s = sess.plan(cfg, info, max(cfg.data.num_workers, 1), hf_config.hidden_size)
     task = PretrainTask(cfg, info, spec, hf_config, cfg.model.sparse_mlm_head, s)

@@ -63,6 +63,12 @@ def load_mlm(model_cfg, spec, seed: int):
     return model, config
 
 
+def check_positions(config, length: int, key: str) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise ValueError(f"{key}={length} exceeds the model's max_position_embeddings={limit}: lower {key}")
+
+
 def resolve_model_dir(path: str) -> str:
     """Accept an HF folder, our run's output_dir (-> final/) or a checkpoint folder (-> its hf/ export)."""
     from data.embedded import resolve_model_alias

@@ -113,8 +113,8 @@ def test_job_array_of_two_finetunes(tmp_path):
         "train": {"epochs": 1, "micro_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
         "deepspeed": {"config": "ds_configs/zero0.json"}, "log": {"every": 1, "wandb": {"mode": "disabled"}}})
     opts = ["--array=0-1", f"--output={tmp_path}/slurm-%A_%a.out"]
-    cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *CPU_ONLY, *opts, str(REPO / "slurm" / "finetune_array.sbatch"),
-           str(cfg)]
+    cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *CPU_ONLY, *opts,
+           str(REPO / "slurm" / "finetune_array.sbatch"), str(cfg)]
     # the array script writes runs/<name>_<job>_<task> relative to the submit dir: submit from tmp_path
     shutil.copytree(REPO / "slurm", tmp_path / "slurm")
     for name in ("launch", "data", "model", "ds_configs"):

@@ -1,0 +1,82 @@
+"""Hung or dead ranks: fail fast with the rank's name instead of waiting forever in a collective.
+
+Every rank records its progress (step, time) in output_dir/.heartbeat/rank_NNNNN after each step. A
+watchdog thread on every rank checks, every few seconds, whether this rank has made no progress for
+`train.dist_timeout_s`; if so it reads the other ranks' heartbeats, names the ones that are behind or
+silent (the hung or dead ones), and ends the process with exit code 4, so launchers stop the job.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+EXIT_HUNG = 4
+
+
+class Heartbeat:
+    def __init__(self, output_dir: str, rank: int, world: int, timeout_s: float, poll_s: float = 2.0):
+        self.dir = Path(output_dir) / ".heartbeat"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.world, self.timeout, self.poll = rank, world, timeout_s, poll_s
+        self.path = self.dir / f"rank_{rank:05d}"
+        self.last = time.time()
+        self.step = 0
+        self.beat(0)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="bertlaunch-watchdog", daemon=True)
+        if world > 1:
+            self.thread.start()
+
+    def beat(self, step: int) -> None:
+        """Main thread, after each step (a tiny file write; rate-limited to one per second)."""
+        now = time.time()
+        self.last, self.step = now, step
+        if step == 0 or now - getattr(self, "_written", 0) >= 1.0 or step % 50 == 0:
+            tmp = self.path.with_suffix(".part")
+            tmp.write_text(f"{step} {now:.3f} {os.getpid()}\n")
+            os.replace(tmp, self.path)
+            self._written = now
+
+    def pause(self) -> None:
+        """Long single-rank work (final export on rank 0) is not a hang."""
+        self.last = float("inf")
+
+    def resume(self) -> None:
+        self.last = time.time()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def others(self) -> dict[int, tuple[int, float]]:
+        out = {}
+        for r in range(self.world):
+            try:
+                step, t, _ = (self.dir / f"rank_{r:05d}").read_text().split()
+                out[r] = (int(step), float(t))
+            except (OSError, ValueError):
+                out[r] = (-1, 0.0)
+        return out
+
+    def diagnose(self) -> str:
+        beats = self.others()
+        now = time.time()
+        front = max(step for step, _ in beats.values())
+        culprits = [r for r, (step, t) in beats.items() if r != self.rank and (step < front or now - t > self.timeout)]
+        if not culprits:
+            culprits = [r for r, (step, _) in beats.items() if step < front] or sorted(beats)
+        desc = ", ".join(f"rank {r} (last step {beats[r][0]}, {now - beats[r][1]:.0f}s ago)" for r in culprits)
+        return desc
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll):
+            idle = time.time() - self.last
+            if idle > self.timeout:
+                msg = (f"[rank {self.rank}] error: no progress for {idle:.0f}s (train.dist_timeout_s="
+                       f"{self.timeout:g}) at step {self.step}; waiting on {self.diagnose()}: a rank hung or "
+                       "died. Exiting so the launcher can stop the job; resume from the last checkpoint.")
+                print(msg, file=sys.stderr, flush=True)
+                os._exit(EXIT_HUNG)

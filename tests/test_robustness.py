@@ -1,0 +1,272 @@
+"""Bad input, numerical and distributed faults, and unsafe files: each fails fast with the promised message
+(or follows its counted policy), never hangs, never trains silently on garbage."""
+
+import json
+import pickle
+import subprocess
+import sys
+import time
+import tracemalloc
+
+import pytest
+
+from data.sources import DataError, PieceReader, Segment
+from data.stream import StreamState, TextStream, text_readers
+from data.tasks import infer_labels, read_rows, require_columns
+from data.tokenize import load_spec
+from launch.checkpoint import list_checkpoints
+from tests.helpers import REPO, command, env, make_corpus, read_metrics, run, write_yaml
+
+BAD = REPO / "tests" / "bad_inputs"
+
+
+def pretrain_cfg(tmp_path, files, **over):
+    data = {"output_dir": str(tmp_path / "out"), "model": {"preset": "tiny"},
+            "data": {"train_files": [str(f) for f in files], "block_size": 32, "num_workers": 1},
+            "train": {"max_steps": 10, "micro_batch_size": 4, "lr": 1e-3, "precision": "fp32"},
+            "deepspeed": {"config": "ds_configs/zero0.json"}, "log": {"every": 1, "wandb": {"mode": "disabled"}},
+            "checkpoint": {"every": 4, "keep_last": 5}}
+    for key, value in over.items():
+        section, name = key.split("__")
+        data[section][name] = value
+    return write_yaml(tmp_path / "p.yaml", data)
+
+
+# -- bad input files -------------------------------------------------------------------------------
+def test_empty_corpus(tmp_path):
+    proc = run("pretrain", 0, pretrain_cfg(tmp_path, [BAD / "empty.txt"]), [], check=False)
+    assert proc.returncode == 2 and "every file is empty" in proc.stderr
+
+
+def test_more_streams_than_documents(tmp_path):
+    proc = run("pretrain", 0, pretrain_cfg(tmp_path, [BAD / "one_doc.txt"], data__num_workers=3), [], check=False)
+    assert proc.returncode == 2
+    assert "2 of 3 data streams (world_size x data.num_workers) would get no document" in proc.stderr
+
+
+def test_non_utf8_strict_names_file_line_byte():
+    reader = PieceReader(str(BAD / "not_utf8.txt"), "line", "text", 1 << 20, "strict")
+    with pytest.raises(DataError) as e:
+        list(reader.pieces(Segment(0, 0, 53)))
+    assert str(e.value).startswith(f"{BAD / 'not_utf8.txt'}: line 2 (byte 45) is not valid UTF-8")
+    assert "set data.encoding_errors=replace" in str(e.value)
+
+
+def test_non_utf8_replace_is_counted(tmp_path):
+    cfg = pretrain_cfg(tmp_path, [BAD / "not_utf8.txt"], data__encoding_errors="replace", data__txt_documents="line",
+                       train__max_steps=2, data__block_size=8, train__micro_batch_size=1)
+    run("pretrain", 0, cfg, [])
+    assert read_metrics(tmp_path / "out")[-2]["replaced_bytes"] == 2
+
+
+def test_jsonl_errors_name_line_and_field():
+    with pytest.raises(DataError, match="bad_json.jsonl: line 2 is not valid JSON"):
+        list(PieceReader(str(BAD / "bad_json.jsonl"), "line", "text", 1 << 20, "strict").pieces(Segment(0, 0, 38)))
+    with pytest.raises(DataError, match=r"missing_field.jsonl: line 2 has no field 'text' \(it has: body\); "
+                                        r"set data.text_field"):
+        list(PieceReader(str(BAD / "missing_field.jsonl"), "line", "text", 1 << 20, "strict").pieces(
+            Segment(0, 0, 46)))
+
+
+def test_a_50mb_line_streams_without_being_held(tmp_path):
+    path = tmp_path / "huge.txt"
+    word = b"lorem ipsum dolor sit amet consectetur "
+    with open(path, "wb") as f:
+        f.write(word * ((50 << 20) // len(word)) + b"\n")
+    spec = load_spec("bert-base-uncased")
+    stream = TextStream(text_readers([str(path)], "line", "text", 1 << 20, "strict"), [path.stat().st_size], spec,
+                        block_size=128, last_block="pad", state=StreamState(0, 1), finite=True)
+    tracemalloc.start()
+    for i, block in enumerate(stream):
+        assert len(block.tokens) == 128
+        if i == 3000:  # well past the first 1 MB piece
+            break
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 24 << 20  # a few 1 MB pieces and their tokens, never the 50 MB line
+
+
+def test_task_table_errors():
+    require_columns(read_rows(str(BAD / "pairs_train.tsv")), {"task.text_a": "sentence1"})
+    with pytest.raises(DataError, match="no column 'sentence2' for task.text_b \\(did you mean 'sentence_2'\\?\\)"):
+        require_columns(read_rows(str(BAD / "pairs_misspelled_column.tsv")), {"task.text_b": "sentence2"})
+    with pytest.raises(DataError, match="mixes label types: line 2 has '1' \\(a number\\), line 3 has 'positive'"):
+        infer_labels(read_rows(str(BAD / "pairs_mixed_labels.tsv")), "label")
+    with pytest.raises(DataError, match="header_only.csv: no data rows"):
+        read_rows(str(BAD / "header_only.csv"))
+    with pytest.raises(DataError, match="empty.txt: the file is empty"):
+        read_rows(str(BAD / "empty.txt"), "tsv")
+
+
+def test_unknown_label_and_position_limit_in_finetune(tmp_path):
+    cfg = write_yaml(tmp_path / "f.yaml", {
+        "output_dir": str(tmp_path / "o"), "model": {"pretrained": "minilm"},
+        "task": {"train_file": str(BAD / "pairs_train.tsv"), "eval_file": str(BAD / "pairs_unknown_label.tsv")},
+        "log": {"wandb": {"mode": "disabled"}}})
+    proc = run("finetune", 0, cfg, [], check=False)
+    assert proc.returncode == 2
+    assert "pairs_unknown_label.tsv: line 3, column 'label': label 'maybe' does not occur in the training file" \
+        in proc.stderr
+    proc = run("finetune", 0, cfg, ["task.eval_file=null", "task.max_length=1024"], check=False)
+    assert proc.returncode == 2 and "task.max_length=1024 exceeds the model's max_position_embeddings=512" \
+        in proc.stderr
+
+
+def test_tokenizer_larger_than_model_vocab(tmp_path):
+    from data.tokenize import load_hf_tokenizer
+
+    tok = load_hf_tokenizer("bert-base-uncased")
+    tok.add_tokens(["newtokenaaa", "newtokenbbb"])
+    tok.save_pretrained(tmp_path / "tok")
+    cfg = pretrain_cfg(tmp_path, [BAD / "pairs_train.tsv"])
+    proc = run("pretrain", 0, cfg, ["model.preset=null", "model.pretrained=minilm", f"tokenizer={tmp_path / 'tok'}",
+                                    "data.train_files=[embedded:pydoc]"], check=False)
+    assert proc.returncode == 2
+    assert "the tokenizer has 30524 tokens but the model's embedding has 30522" in proc.stderr
+
+
+def test_ds_json_contradicting_the_run_config(tmp_path):
+    ds = json.loads((REPO / "ds_configs" / "zero1.json").read_text())
+    ds["train_micro_batch_size_per_gpu"] = 16
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    proc = run("pretrain", 0, pretrain_cfg(tmp_path, [BAD / "one_doc.txt"]),
+               [f"deepspeed.config={tmp_path / 'ds.json'}"], check=False)
+    assert proc.returncode == 2
+    assert '"train_micro_batch_size_per_gpu" is 16 but the run config gives 4 (train.micro_batch_size)' in proc.stderr
+
+
+def test_dry_run_prints_the_plan_and_a_batch(tmp_path):
+    corpus = make_corpus(tmp_path / "c.txt", 100)
+    proc = run("pretrain", 0, pretrain_cfg(tmp_path, [corpus]), ["--dry-run"])
+    for fragment in ("world size 1", "global 4 = micro 4 x accumulation 1 x world 1", "2.1M parameters",
+                     "stage 3:", "tokens per epoch", "one block", "[MASK]", "dry run OK"):
+        assert fragment in proc.stdout, fragment
+    assert not (tmp_path / "out").exists()
+    proc = run("pretrain", 0, pretrain_cfg(tmp_path, [corpus]), ["--dry-run", "train.global_batch_size=6"],
+               check=False)
+    assert proc.returncode == 2 and "use 4 or 8" in proc.stderr
+    ft = write_yaml(tmp_path / "f.yaml", {
+        "output_dir": str(tmp_path / "o"), "model": {"pretrained": "minilm"},
+        "task": {"train_file": str(BAD / "pairs_train.tsv")}, "log": {"wandb": {"mode": "disabled"}}})
+    proc = run("finetune", 0, ft, ["--dry-run"])
+    assert "classification, 2 output(s), labels ['no', 'yes']" in proc.stdout and "22.7M parameters" in proc.stdout
+
+
+# -- numerical faults ------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nan_at_step_k(tmp_path, policy):
+    cfg = pretrain_cfg(tmp_path, [make_corpus(tmp_path / "c.txt", 200)], train__nan_policy=policy)
+    proc = run("pretrain", 0, cfg, [], check=False, BERTLAUNCH_NAN_AT_STEP=6)
+    records = [r for r in read_metrics(tmp_path / "out") if "loss" in r]
+    assert "step 6: 1/1 micro-batch(es) had a non-finite loss and were dropped" in proc.stdout
+    if policy == "skip":
+        assert proc.returncode == 0 and [r["step"] for r in records] == list(range(1, 11))
+        assert records[5]["skipped_steps"] == 1 and all(r["loss"] is not None for r in records)
+    else:
+        assert proc.returncode == 3 and "stopping: non-finite loss at step 6" in proc.stdout
+        assert [s for s, _ in list_checkpoints(tmp_path / "out" / "checkpoints")][-1] == 6
+
+
+@pytest.mark.slow
+def test_nan_with_log_step_checks_stops(tmp_path):
+    cfg = pretrain_cfg(tmp_path, [make_corpus(tmp_path / "c.txt", 200)], train__nan_check="log_steps")
+    proc = run("pretrain", 0, cfg, [], check=False, BERTLAUNCH_NAN_AT_STEP=3)
+    assert proc.returncode == 3 and "non-finite loss in the steps before 3" in proc.stdout
+
+
+# -- distributed faults ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_hung_rank_is_named_and_the_others_exit_within_the_timeout(tmp_path):
+    cfg = pretrain_cfg(tmp_path, [make_corpus(tmp_path / "c.txt", 300)], train__dist_timeout_s=15,
+                       train__max_steps=200)
+    t0 = time.time()
+    proc = run("pretrain", 2, cfg, [], check=False, timeout=240, BERTLAUNCH_HANG_RANK=1, BERTLAUNCH_HANG_AT_STEP=4)
+    assert proc.returncode != 0 and time.time() - t0 < 150
+    assert "[rank 0] error: no progress for" in proc.stderr and "waiting on rank 1 (last step 3" in proc.stderr
+
+
+@pytest.mark.slow
+def test_killed_rank_ends_the_job(tmp_path):
+    import os
+    import signal
+
+    cfg = pretrain_cfg(tmp_path, [make_corpus(tmp_path / "c.txt", 300)], train__dist_timeout_s=20,
+                       train__max_steps=400)
+    proc = subprocess.Popen(command("pretrain", 2, cfg, []), cwd=REPO, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    beats = tmp_path / "out" / ".heartbeat" / "rank_00001"
+    while not (beats.is_file() and int(beats.read_text().split()[0]) >= 3):
+        assert proc.poll() is None
+        time.sleep(0.1)
+    os.kill(int(beats.read_text().split()[2]), signal.SIGKILL)
+    t0 = time.time()
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and time.time() - t0 < 45, out[-3000:]
+
+
+@pytest.mark.slow
+def test_disk_full_keeps_the_last_checkpoint(tmp_path):
+    cfg = pretrain_cfg(tmp_path, [make_corpus(tmp_path / "c.txt", 200)])
+    proc = run("pretrain", 0, cfg, [], BERTLAUNCH_FAIL_SAVE_AT=8)
+    assert "checkpoint at step 8 failed (OSError: [Errno 28] No space left on device" in proc.stdout
+    assert "step_00000004 is intact; training continues" in proc.stdout
+    ckpts = [s for s, _ in list_checkpoints(tmp_path / "out" / "checkpoints")]
+    assert ckpts == [4, 10] and not list((tmp_path / "out" / "checkpoints").glob(".tmp-*"))
+    proc = run("pretrain", 0, cfg, [f"train.resume={tmp_path / 'out' / 'checkpoints' / 'step_00000004'}",
+                                    "train.max_steps=10"])
+    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+
+
+# -- unsafe files ----------------------------------------------------------------------------------
+class Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates a file when unpickled
+
+
+def plant(path, marker):
+    with open(path, "wb") as f:
+        pickle.dump({"module": Exploit(str(marker))}, f)
+
+
+def test_foreign_checkpoint_with_a_malicious_pickle_is_refused(tmp_path):
+    foreign = tmp_path / "foreign" / "step_00000004"
+    (foreign / "ds" / "state").mkdir(parents=True)
+    marker = tmp_path / "PWNED"
+    plant(foreign / "ds" / "state" / "mp_rank_00_model_states.pt", marker)
+    proc = run("pretrain", 0, pretrain_cfg(tmp_path, [BAD / "one_doc.txt"]), [f"train.resume={foreign}"],
+               check=False)
+    assert proc.returncode == 2 and "checkpoint unusable: no manifest.json" in proc.stderr
+    assert not marker.exists()
+
+
+def test_model_folder_with_a_malicious_pickle_is_refused(tmp_path):
+    from data.embedded import minilm_dir
+    from launch.config import ModelConfig
+    from model.build import load_mlm
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text((minilm_dir() / "config.json").read_text())
+    marker = tmp_path / "PWNED"
+    plant(folder / "pytorch_model.bin", marker)
+
+    class Spec:
+        vocab_size, pad_id = 30522, 0
+
+    with pytest.raises(Exception):
+        load_mlm(ModelConfig(pretrained=str(folder)), Spec, seed=0)
+    assert not marker.exists()
+
+
+def test_validation_holds_under_python_O(tmp_path):
+    cfg = write_yaml(tmp_path / "f.yaml", {"output_dir": "x", "model": {"pretrained": "minilm", "preset": "tiny"},
+                                           "task": {"train_file": "nope.tsv", "max_length": 2}})
+    code = ("from launch.finetune_config import load_finetune\n"
+            f"try:\n    load_finetune({str(cfg)!r})\nexcept Exception as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-O", "-c", code], cwd=REPO, capture_output=True, text=True).stdout
+    assert "set exactly one of model.preset" in out and "task.train_file: 'nope.tsv' does not exist" in out
+    assert "task.max_length must be >= 8, got 2" in out
