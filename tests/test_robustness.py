@@ -56,7 +56,7 @@ def test_non_utf8_replace_is_counted(tmp_path):
     cfg = pretrain_cfg(tmp_path, [BAD / "not_utf8.txt"], data__encoding_errors="replace", data__txt_documents="line",
                        train__max_steps=2, data__block_size=8, train__micro_batch_size=1)
     run("pretrain", 0, cfg, [])
-    assert read_metrics(tmp_path / "out")[-2]["replaced_bytes"] == 2
+    assert [r for r in read_metrics(tmp_path / "out") if "replaced_bytes" in r][-1]["replaced_bytes"] == 2
 
 
 def test_jsonl_errors_name_line_and_field():
@@ -257,7 +257,7 @@ def test_model_folder_with_a_malicious_pickle_is_refused(tmp_path):
     class Spec:
         vocab_size, pad_id = 30522, 0
 
-    with pytest.raises(Exception):
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # transformers: weights_only
         load_mlm(ModelConfig(pretrained=str(folder)), Spec, seed=0)
     assert not marker.exists()
 
