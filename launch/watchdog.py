@@ -25,6 +25,8 @@ class Heartbeat:
         self.path = self.dir / f"rank_{rank:05d}"
         self.last = time.time()
         self.step = 0
+        self._lock = threading.Lock()
+        self._written, self._wrote = 0.0, None
         self.beat(0)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="bertlaunch-watchdog", daemon=True)
@@ -32,14 +34,22 @@ class Heartbeat:
             self.thread.start()
 
     def beat(self, step: int) -> None:
-        """Main thread, after each step (a tiny file write; rate-limited to one per second)."""
-        now = time.time()
-        self.last, self.step = now, step
-        if step == 0 or now - getattr(self, "_written", 0) >= 1.0 or step % 50 == 0:
+        """Main thread, after each step: records progress; the file is written at most once a second
+        here, and the watchdog thread writes any newer step at each poll, so a rank that hangs right
+        after a step still shows that step (and the time of that step) to the others."""
+        self.last, self.step = time.time(), step
+        if step == 0 or self.last - self._written >= 1.0:
+            self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            step, last = self.step, self.last
+            if (step, last) == self._wrote:
+                return
             tmp = self.path.with_suffix(".part")
-            tmp.write_text(f"{step} {now:.3f} {os.getpid()}\n")
+            tmp.write_text(f"{step} {min(last, time.time()):.3f} {os.getpid()}\n")
             os.replace(tmp, self.path)
-            self._written = now
+            self._written, self._wrote = time.time(), (step, last)
 
     def pause(self) -> None:
         """Long single-rank work (final export on rank 0) is not a hang."""
@@ -73,6 +83,7 @@ class Heartbeat:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll):
+            self._write()
             idle = time.time() - self.last
             if idle > self.timeout:
                 msg = (f"[rank {self.rank}] error: no progress for {idle:.0f}s (train.dist_timeout_s="
