@@ -107,8 +107,10 @@ def start(s: Session, module, task, tracker=None, meta_writer=None) -> Trainer:
     extra = {"world_size": info.world_size, "exact": exact_keys(cfg), "zero_stage": zero_stage(s.ds_config),
              "precision": s.precision, "command": redact(list(sys.argv)),
              "wandb_id": tracker.run_id if tracker else (s.saved or {}).get("wandb_id")}
-    if tracker is not None:
-        tracker.skip_until = metrics.previous_max_step  # an exact resume re-logs identical values: skip
+    if tracker is not None and s.saved:
+        from launch.tracking import resume_tracker
+
+        resume_tracker(tracker, cfg.output_dir, state.step, metrics.previous_max_step)
     return Trainer(cfg=cfg, info=info, engine=engine, task=task, state=state, accum=s.accum, metrics=metrics,
                    saver=s.saver, stop_flag=StopFlag(), trainer_extra=extra,
                    peak_flops=peak_flops(s.precision, cfg.log.peak_tflops))

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import warnings
 from pathlib import Path
 
@@ -76,13 +78,79 @@ def make_tracker(cfg, info, session) -> Tracker | None:
     try:
         import wandb
 
-        run_id = saved.get("wandb_id") or wandb.util.generate_id()
+        run_id = saved.get("wandb_id") or secrets.token_hex(4)  # wandb ids: 8 lowercase alnum
         # x_disable_meta: no command line / environment / host metadata in the run (they can hold secrets)
+        # flush the run's .wandb log every second (default 15 s): a SIGKILL then loses at most a second
+        # of rows, and those are replayed from metrics.jsonl on resume (see `resume_tracker`)
         run = wandb.init(project=w.project, entity=w.entity, name=redact(w.name or Path(cfg.output_dir).name),
                          tags=redact(list(w.tags)) or None, id=run_id, resume="allow", mode=mode,
                          dir=cfg.output_dir, config=redact(configlib.to_dict(cfg)),
-                         settings=wandb.Settings(silent=True, x_disable_meta=True, save_code=False))
+                         settings=wandb.Settings(silent=True, x_disable_meta=True, save_code=False,
+                                                 x_transaction_log_flush_interval=1.0))
     except Exception as e:
         warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); continuing without it", stacklevel=2)
         return None
     return Tracker(run)
+
+
+def resume_tracker(tracker: Tracker, output_dir: str, start_step: int, previous_max_step: int) -> None:
+    """Make a resumed run's wandb history exactly one row per step, as if the job had never stopped.
+
+    The attempt that died may have reached wandb only up to some step (its last flush, or the last upload
+    online). Rows after that and up to the checkpoint are replayed from metrics.jsonl (durable, already
+    truncated to the checkpoint); rows after the checkpoint are recomputed identically by the resumed run
+    and logged live. If what wandb holds cannot be read, nothing is replayed and steps the old attempt
+    logged are skipped (the old behaviour: no duplicates, perhaps a gap)."""
+    run_id = tracker.run_id
+    known = [getattr(tracker.run, "starting_step", 0) - 1]
+    try:
+        for d in Path(output_dir, "wandb").glob(f"*run-*-{run_id}"):
+            known += [step for rid, step, _ in read_history(d) if rid in (run_id, None)]
+        last = max(known)
+    except Exception:  # an unreadable log (other wandb version): fall back to skipping
+        tracker.skip_until = previous_max_step
+        return
+    tracker.skip_until = last
+    path = Path(output_dir) / "metrics.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    for row in rows:
+        if last < row.get("step", 0) <= start_step:
+            tracker.log(row)
+
+
+def read_history(run_dir) -> list[tuple[str | None, int, dict]]:
+    """(run id, step, {key: value}) of every history row in a wandb run folder's run-*.wandb log.
+
+    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each with a 7-byte
+    header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last) holding a protobuf Record. A record
+    cut by a kill ends the scan."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows, run_id = [], None
+    for path in sorted(Path(run_dir).glob("run-*.wandb")):
+        data, block, pos, buf = path.read_bytes(), 32768, 7, b""
+        while pos + 7 <= len(data):
+            left = block - pos % block
+            if left < 7:
+                pos += left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            if pos + 7 + length > len(data):
+                break
+            chunk = data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):
+                rec = pb.Record.FromString(buf + chunk if kind == 4 else chunk)
+                which = rec.WhichOneof("record_type")
+                if which == "run":
+                    run_id = rec.run.run_id
+                elif which == "history":
+                    items = {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+                    rows.append((run_id, rec.history.step.num, items))
+            elif kind == 2:
+                buf = chunk
+            elif kind == 3:
+                buf += chunk
+    return rows

@@ -79,35 +79,6 @@ def make_corpus(path: Path, n_docs: int, words_per_doc=(5, 60), seed: int = 0, m
 
 
 def wandb_history(run_dir: Path) -> list[tuple[str, int, dict]]:
-    """(run id, step, {key: value}) of every history row in a wandb run folder's .wandb log (offline runs).
+    from launch.tracking import read_history
 
-    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each with a 7-byte
-    header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last) holding a protobuf Record."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    rows, run_id = [], None
-    for path in sorted(Path(run_dir).glob("run-*.wandb")):
-        data, block, pos, buf = path.read_bytes(), 32768, 7, b""
-        while pos + 7 <= len(data):
-            left = block - pos % block
-            if left < 7:
-                pos += left
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-            chunk = data[pos + 7:pos + 7 + length]
-            pos += 7 + length
-            if kind in (1, 4):
-                rec = pb.Record.FromString(buf + chunk if kind == 4 else chunk)
-                which = rec.WhichOneof("record_type")
-                if which == "run":
-                    run_id = rec.run.run_id
-                elif which == "history":
-                    items = {(i.key or ".".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
-                    rows.append((run_id, rec.history.step.num, items))
-            elif kind == 2:
-                buf = chunk
-            elif kind == 3:
-                buf += chunk
-    return rows
+    return read_history(run_dir)

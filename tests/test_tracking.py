@@ -98,3 +98,36 @@ def run_report(*runs, out):
 
     return subprocess.run([sys.executable, "-m", "launch.report", *map(str, runs), "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True)
+
+
+def test_resume_replays_rows_wandb_lost_and_skips_rows_it_has(tmp_path):
+    """The dead attempt's wandb log reached step 2 only; metrics.jsonl (truncated to the checkpoint, 4)
+    has 1..4. Resume replays 3 and 4, then logs the recomputed 5.. live: every step exactly once."""
+    import wandb
+
+    from launch.tracking import Tracker, read_history, resume_tracker
+
+    out = tmp_path / "out"
+    out.mkdir()
+    run = wandb.init(project="t", mode="offline", dir=str(out), id="abcd1234",
+                     settings=wandb.Settings(silent=True, x_disable_meta=True))
+    for s in (1, 2):
+        run.log({"loss": float(s)}, step=s)
+    run.finish()
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)))
+
+    class Fake:
+        id, starting_step = "abcd1234", 0
+
+        def __init__(self):
+            self.logged = []
+
+        def log(self, items, step):
+            self.logged.append(step)
+
+    t = Tracker(Fake())
+    resume_tracker(t, str(out), start_step=4, previous_max_step=6)
+    for s in (5, 6, 7):
+        t.log({"step": s, "loss": 0.0})
+    assert t.run.logged == [3, 4, 5, 6, 7]
+    assert [step for _, step, _ in read_history(next((out / "wandb").glob("offline-run-*")))] == [1, 2]
