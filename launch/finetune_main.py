@@ -13,7 +13,7 @@ from launch.checkpoint import CheckpointError
 from launch.config import batch_arithmetic
 from launch.finetune_config import FinetuneConfig
 from launch.metrics import arch_of, encoder_flops
-from launch.run import EXIT_CONFIG, fail, parse_args, seed_everything
+from launch.run import EXIT_CONFIG, fail, launcher_exit, parse_args, seed_everything
 from launch.scores import default_metric, task_metrics
 
 
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
         return dry_run_finetune(cfg)
     info = dist.init(cfg.train.dist_timeout_s)
     try:
-        return run(cfg, info)
+        return launcher_exit(run(cfg, info), info.is_main)
     except (configlib.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

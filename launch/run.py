@@ -114,6 +114,18 @@ class StopFlag:
         return bool(self.signum)
 
 
+def launcher_exit(code: int, is_main: bool) -> int:
+    """The process exit code. Under slurm/run_steps.sh (BERTLAUNCH_REQUEUE_FILE set) a checkpoint-and-stop
+    exits 0 and rank 0 leaves the file: srun --kill-on-bad-exit would otherwise kill the ranks still
+    closing (wandb, files) as soon as the first one exits 75. Everywhere else: 75."""
+    marker = os.environ.get("BERTLAUNCH_REQUEUE_FILE")
+    if code != EXIT_REQUEUE or not marker:
+        return code
+    if is_main:
+        Path(marker).write_text(f"{EXIT_REQUEUE}\n")
+    return EXIT_OK
+
+
 def fail(msg: str, code: int = EXIT_CONFIG) -> int:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     return code

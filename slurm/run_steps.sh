@@ -16,12 +16,17 @@ forward() { echo "[slurm] $1 received: asking the ranks to checkpoint"; scancel 
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
+# A rank that stops after a checkpoint exits 0 and rank 0 (first node, as this script) leaves this file;
+# exit codes stay for real failures, which --kill-on-bad-exit turns into a quick end of the whole step.
+export BERTLAUNCH_REQUEUE_FILE="${TMPDIR:-/tmp}/bertlaunch-requeue-${SLURM_JOB_ID}-${RESTARTS}"
+rm -f "$BERTLAUNCH_REQUEUE_FILE"
 srun --kill-on-bad-exit=1 --export=ALL "$PY" "$ENTRY" --config "$CONFIG" "$@" &
 SRUN_PID=$!
 while true; do  # `wait` returns early when a trapped signal arrives: keep waiting for srun itself
     wait "$SRUN_PID"; CODE=$?
     kill -0 "$SRUN_PID" 2>/dev/null || break
 done
+if [ -f "$BERTLAUNCH_REQUEUE_FILE" ]; then rm -f "$BERTLAUNCH_REQUEUE_FILE"; CODE=75; fi
 echo "[slurm] ranks exited with code ${CODE}"
 if [ "$CODE" -eq 75 ]; then
     if [ "$RESTARTS" -ge "$MAX_REQUEUES" ]; then
