@@ -20,12 +20,17 @@ _GOLD = np.uint64(0x9E3779B97F4A7C15)
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
-    """Stateless 64-bit mixer (Steele et al.); uint64 in, uint64 out; wraps modulo 2**64."""
+    """Stateless 64-bit mixer (Steele et al.); uint64 in, uint64 out; wraps modulo 2**64.
+    In place on one temporary: [B, L] inputs run at memory speed, not allocator speed."""
     with np.errstate(over="ignore"):
-        z = x + _GOLD
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+        z = np.add(x, _GOLD, dtype=np.uint64)
+        t = np.empty_like(z)
+        for shift, mul in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+            np.right_shift(z, np.uint64(shift), out=t)
+            np.bitwise_xor(z, t, out=z)
+            np.multiply(z, np.uint64(mul), out=z)
+        np.right_shift(z, np.uint64(31), out=t)
+        return np.bitwise_xor(z, t, out=z)
 
 
 def block_keys(seed: int, parts: np.ndarray) -> np.ndarray:
@@ -54,6 +59,14 @@ def mask_tokens(ids: np.ndarray, keys: np.ndarray, *, special: np.ndarray, prob:
     special: bool[vocab] (never selected); continuation: bool[vocab] for whole-word masking, or None.
     One 64-bit hash per token supplies the selection and the 80/10/10 choice; the random replacement
     ids are hashed only for the ~1.5% of tokens that need one."""
+    out, labels, _ = mask_tokens_rows(ids, keys, special=special, prob=prob, mask_id=mask_id,
+                                      vocab_size=vocab_size, continuation=continuation)
+    return out, labels
+
+
+def mask_tokens_rows(ids, keys, *, special, prob, mask_id, vocab_size, continuation=None):
+    """`mask_tokens` + int64[M]: the flat indices (into B*L) of the selected positions, ascending.
+    After the per-token hash and selection, everything runs on the ~15% selected positions only."""
     ids = np.asarray(ids, dtype=np.int64)
     b, length = ids.shape
     keys = keys.astype(np.uint64)[:, None]
@@ -70,13 +83,19 @@ def mask_tokens(ids: np.ndarray, keys: np.ndarray, *, special: np.ndarray, prob:
             h_word = splitmix64(keys ^ (word * np.uint64(0xA24BAED4963EE407)))
         selected = (h_word >> np.uint64(64 - _SELECT_BITS)) < threshold
     selected &= ~is_special
-    labels = np.where(selected, ids, -100)
-    kind = (h >> np.uint64(20)) & _KIND_MASK
-    to_mask = selected & (kind < np.uint64(int(0.8 * (1 << 20))))
-    to_random = selected & ~to_mask & (kind < np.uint64(int(0.9 * (1 << 20))))
-    out = np.where(to_mask, mask_id, ids)
+    rows = np.flatnonzero(selected)  # [M]
+    original = ids.reshape(-1)[rows]
+    labels = np.full_like(ids, -100)
+    labels.reshape(-1)[rows] = original
+    hs = h.reshape(-1)[rows]
+    kind = (hs >> np.uint64(20)) & _KIND_MASK
+    to_mask = kind < np.uint64(int(0.8 * (1 << 20)))
+    to_random = ~to_mask & (kind < np.uint64(int(0.9 * (1 << 20))))
+    new = np.where(to_mask, mask_id, original)
     if to_random.any():
         with np.errstate(over="ignore"):
-            r = splitmix64(h[to_random] ^ np.uint64(0xD1B54A32D192ED03))
-        out[to_random] = (((r >> np.uint64(32)) * np.uint64(vocab_size)) >> np.uint64(32)).astype(np.int64)
-    return out, labels
+            r = splitmix64(hs[to_random] ^ np.uint64(0xD1B54A32D192ED03))
+        new[to_random] = (((r >> np.uint64(32)) * np.uint64(vocab_size)) >> np.uint64(32)).astype(np.int64)
+    out = ids.copy()
+    out.reshape(-1)[rows] = new
+    return out, labels, rows

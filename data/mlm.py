@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.mask import block_keys, mask_tokens
+from data.mask import block_keys, mask_tokens_rows
 from data.stream import Block, StreamState, TextStream, text_readers
 
 
@@ -36,21 +36,27 @@ def collate_blocks(blocks: list[Block], spec, s: MLMSettings, state: dict | None
     """Blocks -> {input_ids, labels, attention_mask: int64[B, L]} + bookkeeping.
 
     Short blocks (end of an epoch) are right-padded with [PAD]; pads are special, never masked."""
-    trained = [b for b in blocks if len(b.tokens)]
-    b, length = len(trained), s.block_size
+    trained = [blk for blk in blocks if blk.count]
+    b, length = sum(blk.count for blk in trained), s.block_size
     ids = np.full((max(b, 1), length), spec.pad_id, dtype=np.int64)
     attn = np.zeros((max(b, 1), length), dtype=np.int64)
-    for i, blk in enumerate(trained):
-        ids[i, : len(blk.tokens)] = blk.tokens
-        attn[i, : len(blk.tokens)] = 1
-    keys = block_keys(s.seed, np.array([blk.where for blk in trained] or [(0, 0, 0, 0)], dtype=np.int64))
-    inputs, labels = mask_tokens(ids, keys, special=spec.special_table, prob=s.mlm_probability,
+    i = 0
+    for blk in trained:
+        if blk.tokens.ndim == 2:  # a run of full blocks
+            ids[i: i + blk.count] = blk.tokens
+            attn[i: i + blk.count] = 1
+        else:
+            ids[i, : len(blk.tokens)] = blk.tokens
+            attn[i, : len(blk.tokens)] = 1
+        i += blk.count
+    where = [np.asarray(blk.where, dtype=np.int64).reshape(-1, 4) for blk in trained]
+    keys = block_keys(s.seed, np.concatenate(where) if where else np.zeros((1, 4), dtype=np.int64))
+    inputs, labels, rows = mask_tokens_rows(ids, keys, special=spec.special_table, prob=s.mlm_probability,
                                  mask_id=spec.mask_id, vocab_size=spec.vocab_size,
                                  continuation=spec.is_continuation if s.whole_word_masking else None)
     n_real = int(attn.sum())
     # the masked positions for the sparse MLM head, found here on the CPU (no device sync), padded to a
     # multiple of 128 rows (target -100 = ignored) so the GPU sees few distinct shapes
-    rows = np.flatnonzero(labels.reshape(-1) != -100)
     m = len(rows)
     pad = -m % 128
     mlm_rows = np.concatenate([rows, np.zeros(pad, dtype=rows.dtype)])
@@ -94,12 +100,15 @@ class MLMDataset(IterableDataset):
         stream = self.stream_for(self.states[(w + self.rotation) % n_workers])
         pending: list[Block] = []
         n_trained = 0
+        stream.max_run = self.s.micro_batch_size
         for blk in stream:  # the stream is paused here: stream.state is the state after `blk`
             pending.append(blk)
-            n_trained += len(blk.tokens) > 0
+            n_trained += blk.count
+            stream.max_run = max(self.s.micro_batch_size - n_trained, 1)
             if n_trained == self.s.micro_batch_size:
                 yield self._batch(pending, stream)
                 pending, n_trained = [], 0
+                stream.max_run = self.s.micro_batch_size
         if pending:  # finite streams: the last, smaller batch
             yield self._batch(pending, stream)
 
@@ -121,7 +130,12 @@ def make_loader(dataset, num_workers: int, prefetch_factor: int = 4, collate_fn=
     kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False,
               "worker_init_fn": ignore_stop_signals} if num_workers else {}
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      generator=torch.Generator().manual_seed(0), collate_fn=collate_fn, **kwargs)
+                      generator=torch.Generator().manual_seed(0), collate_fn=collate_fn or as_is, **kwargs)
+
+
+def as_is(batch):
+    """Batches are complete when the dataset yields them (the default would walk every meta field)."""
+    return batch
 
 
 def ignore_stop_signals(_worker_id: int) -> None:

@@ -66,5 +66,21 @@ class Packer:
                 self.carry.pop(0)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
+    def run_length(self) -> int:
+        """Whole blocks the first carry record alone can still give (token-cache pieces hold many)."""
+        rec = self.carry[0]
+        return (len(rec.tokens) - rec.used) // self.block_size
+
+    def take_run(self, k: int) -> np.ndarray:
+        """The next k full blocks, all from the first record: int32[k, block_size] (a view, no copy).
+        Same bookkeeping as k calls of `take`."""
+        rec, n = self.carry[0], k * self.block_size
+        out = rec.tokens[rec.used: rec.used + n].reshape(k, self.block_size)
+        rec.used += n
+        self.available -= n
+        if rec.used == len(rec.tokens) and len(self.carry) > 1:
+            self.carry.pop(0)
+        return out
+
     def full(self) -> bool:
         return self.available >= self.block_size

@@ -16,6 +16,7 @@ import numpy as np
 
 from data.pack import Packer, PieceTokens
 from data.sources import DataError, PieceReader, Segment, partition, split_ranges
+from data.tokenize import flatten
 
 READ_BATCH_BYTES = 1 << 16  # text tokenized per call: large enough to amortise the call, small enough to stream
 
@@ -92,12 +93,19 @@ def replan(states: list[StreamState], sizes: list[int], new_n: int) -> list[Stre
 
 @dataclass
 class Block:
-    tokens: np.ndarray  # int32[n], n <= block_size (short only at the end of a stream's epoch)
-    where: tuple[int, int, int, int]  # (epoch, file, piece offset, tokens used): where it starts -> mask key
+    tokens: np.ndarray  # int32[n], n <= block_size (short only at the end of a stream's epoch); or a run of
+    #                     k full blocks cut from one piece: int32[k, block_size]
+    where: tuple[int, int, int, int] | np.ndarray  # (epoch, file, piece offset, tokens used): where it
+    #                     starts -> mask key; int64[k, 4] for a run
     audit: list | None  # [(epoch, doc_id, n_tokens)] when auditing
     dropped: int = 0  # tokens of a dropped short block (data.last_block=drop)
     # The stream state after a block is `stream.state` right when the block is yielded (the generator
     # is paused there); callers snapshot it with stream.state.to_dict() only where they need it.
+
+    @property
+    def count(self) -> int:
+        """Blocks this record stands for (0 for a dropped tail)."""
+        return self.tokens.shape[0] if self.tokens.ndim == 2 else int(len(self.tokens) > 0)
 
 
 def empty_streams(readers: list, sizes: list[int], n: int) -> list[int]:
@@ -123,6 +131,10 @@ class TextStream:
         self.readers, self.sizes, self.spec = readers, sizes, spec
         self.block_size, self.last_block = block_size, last_block
         self.state, self.finite, self.audit = copy.deepcopy(state), finite, audit
+        # at most this many blocks per yielded Block: >1 lets a token-cache piece give a whole run of
+        # blocks at once (same blocks, keys and states as one by one); the consumer sets it before
+        # each next() to the number of blocks it still needs
+        self.max_run = 1
 
     @property
     def replaced_bytes(self) -> int:
@@ -145,17 +157,28 @@ class TextStream:
     def _tokenized(self, st: StreamState, segs: list[Segment]):
         """PieceTokens in stream order; text is tokenized in batches of about READ_BATCH_BYTES."""
         spec, batch, size = self.spec, [], 0
-        cls_, sep_ = np.array([spec.cls_id], np.int32), np.array([spec.sep_id], np.int32)
 
         def flush():
-            for (i, p, skip), ids in zip(batch, spec.encode([p.text for _, p, _ in batch])):
-                toks = np.asarray(ids, dtype=np.int32)
-                if p.doc_start:
-                    toks = np.concatenate([cls_, toks])
-                if p.doc_end:
-                    toks = np.concatenate([toks, sep_])
+            if not batch:
+                return
+            ids = spec.encode([p.text for _, p, _ in batch])
+            # one list -> array conversion for the whole read batch, then [CLS]/[SEP] inserted vectorised
+            # and each piece's tokens taken as a view: no per-piece array building
+            n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            starts = np.fromiter((p.doc_start for _, p, _ in batch), dtype=bool, count=len(batch))
+            ends = np.fromiter((p.doc_end for _, p, _ in batch), dtype=bool, count=len(batch))
+            flat = flatten(ids)
+            bounds = np.concatenate([[0], np.cumsum(n)])
+            # per piece: [CLS] at its start, [SEP] at its end; np.insert keeps the order of equal indices,
+            # so a piece's [SEP] lands before the next piece's [CLS]
+            where = np.stack([bounds[:-1], bounds[1:]], axis=1).ravel()
+            marks = np.tile(np.array([spec.cls_id, spec.sep_id], np.int32), len(batch))
+            keep = np.stack([starts, ends], axis=1).ravel()
+            flat = np.insert(flat, where[keep], marks[keep])
+            edges = np.concatenate([[0], np.cumsum(n + starts + ends)]).tolist()
+            for k, (i, p, skip) in enumerate(batch):
                 doc_id = segs[i].file * (1 << 40) + p.doc_offset
-                yield PieceTokens(i, p.offset, p.doc_start, toks, skip, p.doc_offset, doc_id)
+                yield PieceTokens(i, p.offset, p.doc_start, flat[edges[k]:edges[k + 1]], skip, p.doc_offset, doc_id)
 
         for item in self._pieces(st, segs):
             i, p, skip = item
@@ -183,6 +206,10 @@ class TextStream:
                 packer.add(rec)
                 got_tokens = True
                 while packer.full():
+                    k = 0 if self.audit else min(self.max_run, packer.run_length())
+                    if k > 1:
+                        yield self._emit_run(st, segs, packer, k)
+                        continue
                     start, audit = packer.position(), ([] if self.audit else None)
                     tokens = packer.take(audit=audit)
                     yield self._emit(st, segs, packer, tokens, start, audit)
@@ -213,6 +240,18 @@ class TextStream:
             st.seg_idx, st.pos = pos[0], tuple(pos[1:])
         audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
         return Block(tokens, (st.epoch, segs[seg_i].file, off, used), audit)
+
+    def _emit_run(self, st: StreamState, segs, packer: Packer, k: int) -> Block:
+        """k full blocks from the first carry record; the state moves as after k `_emit`s."""
+        seg_i, off, used, _, _ = packer.position()
+        tokens = packer.take_run(k)
+        where = np.empty((k, 4), dtype=np.int64)
+        where[:, 0], where[:, 1], where[:, 2] = st.epoch, segs[seg_i].file, off
+        where[:, 3] = used + self.block_size * np.arange(k)
+        pos = packer.position()
+        st.blocks += k
+        st.seg_idx, st.pos = pos[0], tuple(pos[1:])
+        return Block(tokens, where, None)
 
     def _next_epoch(self, st: StreamState) -> None:
         st.epoch += 1

@@ -100,3 +100,47 @@ def test_training_from_the_cache(corpus, tmp_path):
     run("pretrain", 0, cfg, [])
     assert np.isfinite([float(x) for x in [1.0]]).all()
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def test_runs_of_blocks_equal_one_by_one(corpus, spec):
+    """The cache fast path (a run of k blocks cut from one piece) gives the same tokens, mask keys and
+    stream states, batch by batch, as cutting blocks one at a time."""
+    from data.mlm import MLMDataset, MLMSettings, initial_states
+
+    _, cache, _ = corpus
+    _, sizes = shard_names_and_sizes(cache)
+    s = MLMSettings(block_size=16, micro_batch_size=7, mlm_probability=0.15, whole_word_masking=False, seed=3)
+
+    runs_seen = []
+
+    def batches(max_run_cap):
+        ds = MLMDataset(None, sizes, spec, s, initial_states(0, 1, 1), finite=True, cache=cache)
+        stream = ds.stream_for(ds.states[0])
+        original = type(stream).__iter__
+
+        def capped(self):
+            gen = original(self)
+            while True:
+                self.max_run = min(self.max_run, max_run_cap)
+                try:
+                    blk = next(gen)
+                except StopIteration:
+                    return
+                runs_seen.append(blk.count)
+                yield blk
+        type(stream).__iter__ = capped
+        try:
+            ds.stream_for = lambda state: stream
+            return list(iter(ds))
+        finally:
+            type(stream).__iter__ = original
+
+    one = batches(1)
+    assert max(runs_seen) == 1
+    runs = batches(10**6)
+    assert max(runs_seen) > 1  # the fast path was taken
+    assert len(one) == len(runs) > 10
+    for a, b in zip(one, runs):
+        for key in ("input_ids", "labels", "attention_mask", "mlm_rows", "mlm_targets"):
+            assert a[key].equal(b[key]), key
+        assert a["meta"]["state"] == b["meta"]["state"]
