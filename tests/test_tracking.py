@@ -1,6 +1,7 @@
 """wandb (offline), metrics, progress lines, secrets, and the run report."""
 
 import json
+import time
 import warnings
 
 import pytest
@@ -114,6 +115,10 @@ def test_resume_replays_rows_wandb_lost_and_skips_rows_it_has(tmp_path):
     for s in (1, 2):
         run.log({"loss": float(s)}, step=s)
     run.finish()
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    deadline = time.time() + 30  # wandb's service may still be writing the log after finish() returns
+    while len(read_history(run_dir)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": float(s)}) + "\n" for s in (1, 2, 3, 4)))
 
     class Fake:
@@ -129,5 +134,5 @@ def test_resume_replays_rows_wandb_lost_and_skips_rows_it_has(tmp_path):
     resume_tracker(t, str(out), start_step=4, previous_max_step=6)
     for s in (5, 6, 7):
         t.log({"step": s, "loss": 0.0})
-    assert t.run.logged == [3, 4, 5, 6, 7]
-    assert [step for _, step, _ in read_history(next((out / "wandb").glob("offline-run-*")))] == [1, 2]
+    assert t.run.logged == [3, 4, 5, 6, 7], sorted(str(p) for p in out.rglob("*"))
+    assert [step for _, step, _ in read_history(run_dir)] == [1, 2]
