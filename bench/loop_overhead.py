@@ -4,7 +4,7 @@ optimizer and batches, single process.
 
     python bench/loop_overhead.py [--preset tiny] [--steps 300]
 
-Both sides: the same preset, seed, block size 128, micro-batch 32, fp32, fused AdamW, gradient clipping 1.0
+Both sides: the same preset, seed, block size 128, micro-batch 16, fp32, fused AdamW, gradient clipping 1.0
 and linear warmup/decay, batches from the same token cache (WikiText-2 valid+test). The bare loop gets its
 batches pre-built in memory (no data cost at all), so the overhead measured is everything ours does beyond
 forward/backward/step. Steady state: tokens/s over the steps after the first `--warmup`. Writes
@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.env import machine_info  # noqa: E402
 
-BLOCK, BATCH, LR, SEED = 128, 32, 1e-3, 0
+BLOCK, BATCH, LR, SEED = 128, 16, 1e-3, 0
 
 
 def ours(cache: str, preset: str, steps: int, warmup: int, tmp: Path) -> dict:
@@ -88,7 +88,7 @@ def bare(cache: str, preset: str, steps: int, warmup: int) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens += batch["meta"]["n_real"]
-    return {"tokens_per_s": tokens / (time.perf_counter() - t0), "final_loss": float(loss)}
+    return {"tokens_per_s": tokens / (time.perf_counter() - t0), "final_loss": float(loss.detach())}
 
 
 def main() -> None:
@@ -96,8 +96,8 @@ def main() -> None:
     shared = REPO.parent / "shared" / "data" / "wikitext2"
     ap.add_argument("--files", nargs="+", default=[str(shared / "valid.txt"), str(shared / "test.txt")])
     ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
     from data.prepare import prepare
