@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import torch
@@ -13,7 +12,7 @@ from launch.checkpoint import CheckpointError
 from launch.config import batch_arithmetic
 from launch.finetune_config import FinetuneConfig
 from launch.metrics import arch_of, encoder_flops
-from launch.run import EXIT_CONFIG, fail, launcher_exit, parse_args, seed_everything
+from launch.run import entry, seed_everything
 from launch.scores import default_metric, task_metrics
 
 
@@ -152,25 +151,18 @@ class FinetuneTask:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv, "launch/finetune.py", "Fine-tune a BERT-style encoder on a sentence(-pair) task.")
-    try:
+    def load(path, overrides):
         from launch.finetune_config import load_finetune
 
-        cfg = load_finetune(args.config, args.overrides)
-    except configlib.ConfigError as e:
-        return fail(str(e))
-    if args.dry_run:
+        return load_finetune(path, overrides)
+
+    def dry_run(cfg):
         from launch.dryrun import dry_run_finetune
 
         return dry_run_finetune(cfg)
-    info = dist.init(cfg.train.dist_timeout_s)
-    try:
-        return launcher_exit(run(cfg, info), info.is_main)
-    except (configlib.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    finally:
-        dist.destroy()
+
+    return entry(argv, "launch/finetune.py", "Fine-tune a BERT-style encoder on a sentence(-pair) task.",
+                 load, dry_run, run)
 
 
 def run(cfg: FinetuneConfig, info) -> int:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from launch import configlib, dist
-from launch.checkpoint import CheckpointError
 from launch.config import PretrainConfig
 from launch.metrics import arch_of, encoder_flops
-from launch.run import EXIT_CONFIG, fail, launcher_exit, parse_args, seed_everything
+from launch.run import entry, seed_everything
 
 
 class PretrainTask:
@@ -212,23 +210,13 @@ class PretrainTask:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv, "launch/pretrain.py", "MLM pretraining of BERT-style encoders under DeepSpeed.")
-    try:
-        cfg = configlib.load(PretrainConfig, args.config, args.overrides)
-    except configlib.ConfigError as e:
-        return fail(str(e))
-    if args.dry_run:
+    def dry_run(cfg):
         from launch.dryrun import dry_run_pretrain
 
         return dry_run_pretrain(cfg)
-    info = dist.init(cfg.train.dist_timeout_s)
-    try:
-        return launcher_exit(run(cfg, info), info.is_main)
-    except (configlib.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    finally:
-        dist.destroy()
+
+    return entry(argv, "launch/pretrain.py", "MLM pretraining of BERT-style encoders under DeepSpeed.",
+                 lambda path, overrides: configlib.load(PretrainConfig, path, overrides), dry_run, run)
 
 
 def run(cfg: PretrainConfig, info) -> int:

@@ -114,6 +114,29 @@ class StopFlag:
         return bool(self.signum)
 
 
+def entry(argv, prog: str, description: str, load, dry_run, run) -> int:
+    """The body of both entry points: config (every problem at once) -> dry run, or distributed setup ->
+    run -> exit code. load(path, overrides) -> config; dry_run(cfg) and run(cfg, dist_info) -> exit code."""
+    from launch import configlib, dist
+    from launch.checkpoint import CheckpointError
+
+    args = parse_args(argv, prog, description)
+    try:
+        cfg = load(args.config, args.overrides)
+    except configlib.ConfigError as e:
+        return fail(str(e))
+    if args.dry_run:
+        return dry_run(cfg)
+    info = dist.init(cfg.train.dist_timeout_s)
+    try:
+        return launcher_exit(run(cfg, info), info.is_main)
+    except (configlib.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    finally:
+        dist.destroy()
+
+
 def launcher_exit(code: int, is_main: bool) -> int:
     """The process exit code. Under slurm/run_steps.sh (BERTLAUNCH_REQUEUE_FILE set) a checkpoint-and-stop
     exits 0 and rank 0 leaves the file: srun --kill-on-bad-exit would otherwise kill the ranks still
