@@ -11,4 +11,4 @@ ruff check .
 # a one-node SLURM for the tests marked `slurm` (skipped, and said so, where it cannot be started)
 bash .ci/slurm-cluster.sh || echo "test.sh: SLURM could not be started; the slurm tests will be skipped and say so"
 # pytest's own exit code is kept: 5 (no tests collected) fails like any other failure
-python -m pytest -q --durations=15 "$@" tests/
+python -m pytest -q --durations=15 -m "slow or not slow" "$@" tests/
