@@ -14,7 +14,6 @@ bench/results/data_pipeline_<machine>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.env import machine_info  # noqa: E402
+from bench.env import machine_info, write_result  # noqa: E402
 
 
 def corpus(files: list[str], repeat: int, tmp: Path) -> Path:
@@ -141,11 +140,7 @@ def main() -> None:
         "hf_kept_frac": hf["kept_frac"],
         "cache_tokens_per_s": best_cache, "target_cache_tokens_per_s": 20e6,
         "cache_build_vs_raw_tokenizer": res["cache_build"]["tokens_per_s"] / raw["tokens_per_s"]}
-    out = Path(args.out) / f"data_pipeline_{res['machine']['kind']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res["summary"], indent=2))
-    print(f"wrote {out}")
+    write_result(res, "data_pipeline", args.out)
 
 
 if __name__ == "__main__":

@@ -23,3 +23,15 @@ def machine_info() -> dict:
     else:
         out["device"] = f"cpu ({platform.processor() or platform.machine()})"
     return out
+
+
+def write_result(res: dict, name: str, out_dir: str) -> None:
+    """bench/results/<name>_<machine kind>.json; prints the summary."""
+    import json
+    from pathlib import Path
+
+    out = Path(out_dir) / f"{name}_{res['machine']['kind']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res["summary"], indent=2))
+    print(f"wrote {out}")

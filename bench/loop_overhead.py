@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.env import machine_info  # noqa: E402
+from bench.env import machine_info, write_result  # noqa: E402
 
 BLOCK, BATCH, LR, SEED = 128, 16, 1e-3, 0
 
@@ -115,11 +115,7 @@ def main() -> None:
            "warmup": args.warmup, "block_size": BLOCK, "micro_batch": BATCH, "runs": runs,
            "summary": {"bare_tokens_per_s": best["bare"], "ours_tokens_per_s": best["ours"],
                        "overhead": 1 - best["ours"] / best["bare"], "target_overhead": 0.05}}
-    out = Path(args.out) / f"loop_overhead_{res['machine']['kind']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res["summary"], indent=2))
-    print(f"wrote {out}")
+    write_result(res, "loop_overhead", args.out)
 
 
 if __name__ == "__main__":

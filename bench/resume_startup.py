@@ -26,7 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.env import machine_info  # noqa: E402
+from bench.env import machine_info, write_result  # noqa: E402
 
 
 def pretrain(cfg_path: Path, *overrides: str) -> float:
@@ -79,11 +79,7 @@ def main() -> None:
            "late_checkpoint_state": trainer.get("state"), "resume_one_step_s": times,
            "summary": {"early_median_s": med["early"], "late_median_s": med["late"],
                        "late_over_early": med["late"] / med["early"], "target_late_over_early": "<= ~1 (noise)"}}
-    out = Path(args.out) / f"resume_startup_{res['machine']['kind']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(json.dumps(res["summary"], indent=2))
-    print(f"wrote {out}")
+    write_result(res, "resume_startup", args.out)
 
 
 if __name__ == "__main__":
