@@ -83,6 +83,8 @@ def our_batches(spec, block: int, batch: int, workers: int, files=None, sizes=No
     s = MLMSettings(block_size=block, micro_batch_size=batch, mlm_probability=0.15, whole_word_masking=False,
                     seed=0, last_block="pad", mode="line")
     ds = MLMDataset(files, sizes, spec, s, initial_states(0, 1, max(workers, 1)), finite=True, cache=cache)
+    # as in training (launch/dist.py): one tokenizer thread per loader worker
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if workers else "true"
     t0 = time.perf_counter()
     n_real = n_slots = n_blocks = 0
     for b in make_loader(ds, workers):
