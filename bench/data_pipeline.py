@@ -83,7 +83,8 @@ def our_batches(spec, block: int, batch: int, workers: int, files=None, sizes=No
     s = MLMSettings(block_size=block, micro_batch_size=batch, mlm_probability=0.15, whole_word_masking=False,
                     seed=0, last_block="pad", mode="line")
     ds = MLMDataset(files, sizes, spec, s, initial_states(0, 1, max(workers, 1)), finite=True, cache=cache)
-    # as in training (launch/dist.py): one tokenizer thread per loader worker
+    # as in training (launch/dist.py): one tokenizer thread per loader worker; the other paths keep theirs
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false" if workers else "true"
     t0 = time.perf_counter()
     n_real = n_slots = n_blocks = 0
@@ -91,6 +92,10 @@ def our_batches(spec, block: int, batch: int, workers: int, files=None, sizes=No
         m = b["meta"]
         n_real, n_slots, n_blocks = n_real + m["n_real"], n_slots + m["n_slots"], n_blocks + m["n_blocks"]
     dt = time.perf_counter() - t0
+    if before is None:
+        del os.environ["TOKENIZERS_PARALLELISM"]
+    else:
+        os.environ["TOKENIZERS_PARALLELISM"] = before
     return {"seconds": dt, "tokens_in_blocks": n_real, "tokens_per_s": n_real / dt, "blocks": n_blocks,
             "real_token_frac": n_real / n_slots, "workers": workers}
 
