@@ -131,6 +131,12 @@ def init(timeout_s: int = 600) -> DistInfo:
         # Late in training Adam's moments and many gradients drift into denormal range, where x86 float math
         # is many times slower; flushing them to zero keeps CPU steps at full speed (results stay reproducible).
         torch.set_flush_denormal(True)
+        # DeepSpeed's CPU shared-memory all-reduce serves tensor-parallel inference only, JIT-compiles on the
+        # first run (~1 min) and leaves a 66 MB /dev/shm segment per rank per run that it never unlinks
+        # (hundreds of runs fill /dev/shm and memory): training does not use it, so it is not started.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if has_cuda() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s), verbose=False)
