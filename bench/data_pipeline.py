@@ -13,7 +13,6 @@ bench/results/data_pipeline_<machine>.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -23,14 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.env import machine_info, write_result  # noqa: E402
-
-
-def corpus(files: list[str], repeat: int, tmp: Path) -> Path:
-    text = "".join(Path(f).read_text(encoding="utf-8") for f in files)
-    out = tmp / "corpus.txt"
-    out.write_text(text * repeat, encoding="utf-8")
-    return out
+from bench.env import bench_parser, machine_info, repeat_corpus, write_result  # noqa: E402
 
 
 def raw_tokenizer(path: Path, hf_tok) -> dict:
@@ -101,15 +93,12 @@ def our_batches(spec, block: int, batch: int, workers: int, files=None, sizes=No
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = REPO.parent / "shared" / "data" / "wikitext2"
-    ap.add_argument("--files", nargs="+", default=[str(shared / "valid.txt"), str(shared / "test.txt")])
+    ap = bench_parser(__doc__)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=32, help="blocks per batch (HF's default per-device batch is 8)")
     ap.add_argument("--cache-batch", type=int, default=256)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
 
     from data.cache import shard_names_and_sizes
@@ -120,7 +109,7 @@ def main() -> None:
     spec, hf_tok = load_spec("bert-base-uncased"), load_hf_tokenizer("bert-base-uncased")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        path = corpus(args.files, args.repeat, tmp)
+        path = repeat_corpus(args.files, args.repeat, tmp)
         files = [str(path)]
         res = {"machine": machine_info(), "command": " ".join(sys.argv), "files": args.files, "repeat": args.repeat,
                "corpus_bytes": path.stat().st_size, "block_size": args.block_size, "batch": args.batch}

@@ -35,3 +35,43 @@ def write_result(res: dict, name: str, out_dir: str) -> None:
     out.write_text(json.dumps(res, indent=2) + "\n")
     print(json.dumps(res["summary"], indent=2))
     print(f"wrote {out}")
+
+
+def bench_parser(doc: str):
+    """argparse with the options every CPU bench shares: --files (WikiText-2 valid+test) and --out."""
+    import argparse
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    shared = repo.parent / "shared" / "data" / "wikitext2"
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--files", nargs="+", default=[str(shared / "valid.txt"), str(shared / "test.txt")])
+    ap.add_argument("--out", default=str(repo / "bench" / "results"))
+    return ap
+
+
+def repeat_corpus(files: list[str], repeat: int, tmp):
+    """The files concatenated `repeat` times into tmp/corpus.txt (one file: same text for every path)."""
+    from pathlib import Path
+
+    text = "".join(Path(f).read_text(encoding="utf-8") for f in files)
+    out = Path(tmp) / "corpus.txt"
+    out.write_text(text * repeat, encoding="utf-8")
+    return out
+
+
+def run_pretrain(cfg_path, *overrides: str) -> float:
+    """`python launch/pretrain.py --config CFG [overrides]` on the CPU; returns its wall time in seconds."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "launch/pretrain.py", "--config", str(cfg_path), *overrides], cwd=repo,
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0

@@ -13,10 +13,7 @@ bench/results/loop_overhead_<machine>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.env import machine_info, write_result  # noqa: E402
+from bench.env import bench_parser, machine_info, run_pretrain, write_result  # noqa: E402
 
 BLOCK, BATCH, LR, SEED = 128, 16, 1e-3, 0
 
@@ -42,11 +39,7 @@ def ours(cache: str, preset: str, steps: int, warmup: int, tmp: Path) -> dict:
            "log": {"every": 10, "wandb": {"mode": "disabled"}, "progress": False},
            "checkpoint": {"every": 0, "at_end": False}}
     (tmp / "ours.yaml").write_text(yaml.safe_dump(cfg))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "launch/pretrain.py", "--config", str(tmp / "ours.yaml")], cwd=REPO,
-                          env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"our run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    run_pretrain(tmp / "ours.yaml")
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if "loss" in r and "time" in r]
     a = next(r for r in rows if r["step"] >= warmup)
@@ -92,13 +85,10 @@ def bare(cache: str, preset: str, steps: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = REPO.parent / "shared" / "data" / "wikitext2"
-    ap.add_argument("--files", nargs="+", default=[str(shared / "valid.txt"), str(shared / "test.txt")])
+    ap = bench_parser(__doc__)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=40)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
     from data.prepare import prepare
 

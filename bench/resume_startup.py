@@ -11,14 +11,10 @@ load, data seek, one step). Writes bench/results/resume_startup_<machine>.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -26,33 +22,19 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.env import machine_info, write_result  # noqa: E402
-
-
-def pretrain(cfg_path: Path, *overrides: str) -> float:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "launch/pretrain.py", "--config", str(cfg_path), *overrides], cwd=REPO,
-                          env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - t0
+from bench.env import bench_parser, machine_info, repeat_corpus, run_pretrain, write_result  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    shared = REPO.parent / "shared" / "data" / "wikitext2"
-    ap.add_argument("--files", nargs="+", default=[str(shared / "valid.txt"), str(shared / "test.txt")])
+    ap = bench_parser(__doc__)
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--early", type=int, default=10)
     ap.add_argument("--late", type=int, default=600)
     ap.add_argument("--trials", type=int, default=3)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        corpus = tmp / "corpus.txt"
-        corpus.write_text("".join(Path(f).read_text(encoding="utf-8") for f in args.files) * args.repeat)
+        corpus = repeat_corpus(args.files, args.repeat, tmp)
         cfg = tmp / "run.yaml"
         cfg.write_text(yaml.safe_dump({
             "output_dir": str(tmp / "run"), "model": {"preset": "tiny"},
@@ -62,7 +44,7 @@ def main() -> None:
             "deepspeed": {"config": "ds_configs/zero0.json"}, "eval": {"every": 0},
             "log": {"every": 50, "progress": False, "wandb": {"mode": "disabled"}},
             "checkpoint": {"every": 0, "keep_last": 5}}))
-        train_s = pretrain(cfg) + pretrain(cfg, f"train.max_steps={args.late}")
+        train_s = run_pretrain(cfg) + run_pretrain(cfg, f"train.max_steps={args.late}")
         ckpts = {"early": tmp / "run" / "checkpoints" / f"step_{args.early:08d}",
                  "late": tmp / "run" / "checkpoints" / f"step_{args.late:08d}"}
         meta = ckpts["late"] / "trainer.json"
@@ -71,7 +53,7 @@ def main() -> None:
         for trial in range(args.trials):
             for name, ckpt in ckpts.items():
                 step = args.early if name == "early" else args.late
-                times[name].append(pretrain(cfg, f"train.resume={ckpt}", f"train.max_steps={step + 1}",
+                times[name].append(run_pretrain(cfg, f"train.resume={ckpt}", f"train.max_steps={step + 1}",
                                             f"output_dir={tmp / f'{name}_{trial}'}", "checkpoint.at_end=false"))
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"machine": machine_info(), "command": " ".join(sys.argv), "early_step": args.early,
