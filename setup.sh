@@ -10,6 +10,6 @@ PY=${PYTHON:-python3}
 pip install -q --upgrade pip setuptools wheel
 pip install -q -c constraints-cpu.txt torch
 # DeepSpeed ships as source: build it against the torch above (build isolation would fetch a CUDA torch)
-python -c "import deepspeed" 2>/dev/null || pip install -q --no-build-isolation -c constraints-cpu.txt deepspeed
+python -c "import deepspeed" >/dev/null 2>&1 || pip install -q --no-build-isolation -c constraints-cpu.txt deepspeed
 pip install -q -c constraints-cpu.txt -e ".[dev,report]"
 echo "setup.sh: ready (.venv)"

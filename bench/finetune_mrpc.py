@@ -35,7 +35,7 @@ def hf_trainer(seed: int, lr: float, workdir: Path) -> dict:
 
     from data.embedded import minilm_dir
     from data.tasks import read_rows
-    from launch.scores import task_metrics
+    from launch.tasks.classify.scores import task_metrics
 
     path = str(minilm_dir())
     tok = AutoTokenizer.from_pretrained(path)

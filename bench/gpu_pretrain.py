@@ -135,9 +135,9 @@ def ours(stage: int, batch: int, seq: int, steps: int, tiny: bool, tokenizer: st
          info, extra=(), tag=""):
     import torch
 
-    from launch import configlib
-    from launch.config import PretrainConfig
-    from launch.pretrain_main import run
+    from launch.core import configlib
+    from launch.tasks.mlm.config import PretrainConfig
+    from launch.tasks.mlm.run import run
 
     cuda = torch.cuda.is_available()
     name = f"ours_zero{stage}_b{batch}" + (f"_{tag}" if tag else "")
@@ -190,7 +190,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from launch import dist
+    from launch.core import dist
 
     cuda = torch.cuda.is_available()
     emit(device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__,

@@ -55,8 +55,8 @@ def bare(cache: str, preset: str, steps: int, warmup: int) -> dict:
     from data.cache import shard_names_and_sizes
     from data.mlm import MLMDataset, MLMSettings, initial_states
     from data.tokenize import load_spec
-    from launch.config import ModelConfig
-    from launch.engine import param_groups
+    from launch.core.config import ModelConfig
+    from launch.core.engine import param_groups
     from model.build import load_mlm
     from model.mlm import MaskedLM
 

@@ -1,6 +1,6 @@
 """Pre-tokenized token cache: memory-mapped shards of token ids + a document index.
 
-Layout of a cache folder (written by `python -m data.prepare`):
+Layout of a cache folder (written by `python -m launch.tools.prepare`):
   shard_00000.bin        token ids of consecutive documents, each as [CLS] ... [SEP] (uint16 or uint32)
   shard_00000.docs.npy   int64[n_docs + 1]: token offset of every document start, then the shard length
   meta.json              written last (the commit marker): tokenizer, dtype, shards, source files
@@ -31,7 +31,7 @@ def read_meta(cache_dir: str) -> dict:
     path = Path(cache_dir) / META
     if not path.is_file():
         raise DataError(f"data.cache: no {META} in '{cache_dir}' (not a token cache, or its preparation did not "
-                        "finish); build it with: python -m data.prepare --config YOUR.yaml --out DIR")
+                        "finish); build it with: python -m launch.tools.prepare --config YOUR.yaml --out DIR")
     return json.loads(path.read_text())
 
 
@@ -42,7 +42,7 @@ def check_tokenizer(meta: dict, spec, cache_dir: str) -> None:
     if have["vocab_size"] != spec.vocab_size or have["sha256"] != file_sha256(spec.path):
         raise DataError(f"data.cache '{cache_dir}' was built with another tokenizer ({have['path']}, vocab "
                         f"{have['vocab_size']}) than this run's ({spec.path}, vocab {spec.vocab_size}); rebuild "
-                        "it with python -m data.prepare, or set `tokenizer` to the cache's tokenizer")
+                        "it with python -m launch.tools.prepare, or set `tokenizer` to the cache's tokenizer")
 
 
 def shard_names_and_sizes(cache_dir: str) -> tuple[list[str], list[int]]:

@@ -48,14 +48,6 @@ def minilm_dir() -> Path:
     return path
 
 
-MODEL_ALIASES = ("minilm", "all-MiniLM-L6-v2")
-
-
-def resolve_model_alias(name: str) -> str:
-    """`minilm` / `all-MiniLM-L6-v2` -> the packaged model folder; other names unchanged."""
-    return str(minilm_dir()) if name in MODEL_ALIASES else name
-
-
 def resolve_tokenizer(name: str) -> str:
     """`bert-base-uncased` (or `minilm`) -> the offline folder; anything else must be a local path."""
     if name in ("bert-base-uncased", "minilm", "all-MiniLM-L6-v2"):

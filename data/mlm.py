@@ -31,6 +31,17 @@ class MLMSettings:
     encoding_errors: str = "strict"
     audit: bool = False
 
+    @classmethod
+    def from_config(cls, cfg, **override) -> MLMSettings:
+        """From a pretraining config (its `data` and `train` sections); `override` replaces fields (the
+        dry run's small batch, the eval set's batch size)."""
+        d = cfg.data
+        fields = dict(block_size=d.block_size, micro_batch_size=cfg.train.micro_batch_size,
+                      mlm_probability=d.mlm_probability, whole_word_masking=d.whole_word_masking,
+                      seed=cfg.train.seed, last_block=d.last_block, mode=d.txt_documents, text_field=d.text_field,
+                      max_chunk_bytes=d.max_chunk_bytes, encoding_errors=d.encoding_errors, audit=d.audit)
+        return cls(**{**fields, **override})
+
 
 def collate_blocks(blocks: list[Block], spec, s: MLMSettings, state: dict | None = None) -> dict:
     """Blocks -> {input_ids, labels, attention_mask: int64[B, L]} + bookkeeping.

@@ -1,18 +1,15 @@
-"""Build a token cache once, in parallel: `python -m data.prepare --config RUN.yaml --out DIR [--workers N]`.
+"""Build a token cache once, in parallel (the CLI is `python -m launch.tools.prepare`).
 
-Reads data.train_files (and tokenizer, data.txt_documents, data.text_field, ...) from a pretraining config
-(or --files / --tokenizer), tokenizes with one process per core, and writes memory-mapped shards that
-training reads with data.cache=DIR (see data/cache.py). meta.json is written last: an interrupted build
-is never mistaken for a complete one.
+Tokenizes the corpus with one process per core and writes memory-mapped shards that training reads with
+data.cache=DIR (see data/cache.py). meta.json is written last: an interrupted build is never mistaken
+for a complete one.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from multiprocessing import get_context
 from pathlib import Path
@@ -82,41 +79,3 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
     os.replace(tmp, outdir / META)
     return meta
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a pretraining YAML: its data.* and tokenizer are used")
-    p.add_argument("--files", nargs="*", help="paths/globs (instead of the config's data.train_files)")
-    p.add_argument("--tokenizer", help="tokenizer (default: the config's, else bert-base-uncased)")
-    p.add_argument("--out", required=True, help="cache folder to write")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the config")
-    args = p.parse_args(argv)
-    from launch import configlib
-    from launch.config import PretrainConfig
-
-    d, tokenizer = None, args.tokenizer or "bert-base-uncased"
-    if args.config:
-        try:
-            cfg = configlib.load(PretrainConfig, args.config, args.overrides)
-        except configlib.ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        d, tokenizer = cfg.data, args.tokenizer or cfg.tokenizer
-    files = args.files or (d.train_files if d else None)
-    if not files:
-        print("error: give --files or a --config with data.train_files", file=sys.stderr)
-        return 2
-    kw = {"mode": d.txt_documents, "text_field": d.text_field, "max_chunk_bytes": d.max_chunk_bytes,
-          "errors": d.encoding_errors} if d else {}
-    meta = prepare(files, tokenizer, args.out, workers=args.workers, **kw)
-    rate = meta["n_tokens"] / max(meta["build_seconds"], 1e-9)
-    print(f"token cache {args.out}: {meta['n_tokens']} tokens, {meta['n_docs']} documents, "
-          f"{len(meta['shards'])} shard(s) in {meta['build_seconds']:.1f}s ({rate / 1e6:.2f}M tokens/s); "
-          f"train with data.cache={args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ import sys
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root, not launch/
 
-from launch.pretrain_main import main  # noqa: E402
+from launch.tasks.mlm.run import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

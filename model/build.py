@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
 # (layers, hidden, heads, intermediate): Google's BERT sizes (+ a tiny one for tests).
 PRESETS = {
@@ -71,15 +70,12 @@ def check_positions(config, length: int, key: str) -> None:
 
 def resolve_model_dir(path: str) -> str:
     """Accept an HF folder, our run's output_dir (-> final/) or a checkpoint folder (-> its hf/ export)."""
-    from data.embedded import resolve_model_alias
+    from model.packaged import resolve_model_alias
 
     p = Path(resolve_model_alias(path))
     for cand in (p, p / "final", p / "hf"):
         if (cand / "config.json").is_file():
             return str(cand)
     raise FileNotFoundError(f"model.pretrained: no config.json in '{path}' (nor in final/ or hf/ below it); "
-                            "export a checkpoint first: python -m launch.export CHECKPOINT OUT")
+                            "export a checkpoint first: python -m launch.tools.export CHECKPOINT OUT")
 
-
-def count_params(model: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

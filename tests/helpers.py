@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.check_resume import compare, kill_when, last_step, launch_command, losses  # noqa: F401
+from launch.tools.check_resume import compare, kill_when, last_step, launch_command, losses  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -79,6 +79,6 @@ def make_corpus(path: Path, n_docs: int, words_per_doc=(5, 60), seed: int = 0, m
 
 
 def wandb_history(run_dir: Path) -> list[tuple[str, int, dict]]:
-    from launch.tracking import read_history
+    from launch.core.tracking import read_history
 
     return read_history(run_dir)

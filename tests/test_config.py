@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from launch import configlib
+from launch.core import configlib
 from launch.config import PretrainConfig, batch_arithmetic, load_pretrain
-from launch.engine import fill_ds_config, load_ds_json
+from launch.core.engine import fill_ds_config, load_ds_json
 from tests.helpers import REPO, write_yaml
 
 

@@ -10,7 +10,7 @@ from data.pairs import Encoded, collate, encode_pairs, epoch_order, pad_fraction
 from data.sources import DataError
 from data.tasks import infer_labels, read_rows, require_columns
 from data.tokenize import load_hf_tokenizer
-from launch.scores import task_metrics
+from launch.tasks.classify.scores import task_metrics
 from tests.helpers import MRPC
 
 

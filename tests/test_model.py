@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from launch.config import ModelConfig
-from launch.metrics import encoder_flops
+from launch.core.config import ModelConfig
+from launch.core.metrics import encoder_flops
 from model.build import check_vocab, load_mlm
 from model.mlm import MaskedLM
 

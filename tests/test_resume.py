@@ -13,7 +13,7 @@ import pytest
 
 from data.sources import PieceReader, Segment, file_sizes
 from data.tokenize import load_spec
-from launch.checkpoint import list_checkpoints
+from launch.core.checkpoint import list_checkpoints
 from tests.helpers import (
     REPO,
     WIKI_VALID,

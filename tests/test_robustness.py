@@ -14,7 +14,7 @@ from data.sources import DataError, PieceReader, Segment
 from data.stream import StreamState, TextStream, text_readers
 from data.tasks import infer_labels, read_rows, require_columns
 from data.tokenize import load_spec
-from launch.checkpoint import list_checkpoints
+from launch.core.checkpoint import list_checkpoints
 from tests.helpers import REPO, command, env, make_corpus, read_metrics, run, write_yaml
 
 BAD = REPO / "tests" / "bad_inputs"
@@ -245,7 +245,7 @@ def test_foreign_checkpoint_with_a_malicious_pickle_is_refused(tmp_path):
 
 def test_model_folder_with_a_malicious_pickle_is_refused(tmp_path):
     from data.embedded import minilm_dir
-    from launch.config import ModelConfig
+    from launch.core.config import ModelConfig
     from model.build import load_mlm
 
     folder = tmp_path / "model"
@@ -265,7 +265,7 @@ def test_model_folder_with_a_malicious_pickle_is_refused(tmp_path):
 def test_validation_holds_under_python_O(tmp_path):
     cfg = write_yaml(tmp_path / "f.yaml", {"output_dir": "x", "model": {"pretrained": "minilm", "preset": "tiny"},
                                            "task": {"train_file": "nope.tsv", "max_length": 2}})
-    code = ("from launch.finetune_config import load_finetune\n"
+    code = ("from launch.tasks.classify.config import load_finetune\n"
             f"try:\n    load_finetune({str(cfg)!r})\nexcept Exception as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-O", "-c", code], cwd=REPO, capture_output=True, text=True).stdout
     assert "set exactly one of model.preset" in out and "task.train_file: 'nope.tsv' does not exist" in out

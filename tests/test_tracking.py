@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-from launch.metrics import truncate_after
-from launch.tracking import Tracker
+from launch.core.metrics import truncate_after
+from launch.core.tracking import Tracker
 from tests.helpers import REPO, make_corpus, run, run_and_kill, wandb_history, write_yaml
 
 SECRET_ENV = "s3cr3t-env-value-0123456789"
@@ -106,7 +106,7 @@ def test_resume_replays_rows_wandb_lost_and_skips_rows_it_has(tmp_path):
     has 1..4. Resume replays 3 and 4, then logs the recomputed 5.. live: every step exactly once."""
     import wandb
 
-    from launch.tracking import Tracker, read_history, resume_tracker
+    from launch.core.tracking import Tracker, read_history, resume_tracker
 
     out = tmp_path / "out"
     out.mkdir()

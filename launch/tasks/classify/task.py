@@ -1,31 +1,32 @@
-"""Fine-tuning: sentence-pair / single-sentence classification or regression under DeepSpeed."""
+"""The classification / regression task (sentence pairs or single sentences): length-grouped global
+batches in; accuracy, F1, Pearson, ... out; the best checkpoint, predictions and final/ at the end."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 
-from launch import configlib, dist
-from launch.checkpoint import CheckpointError
-from launch.config import batch_arithmetic
-from launch.finetune_config import FinetuneConfig
-from launch.metrics import arch_of, encoder_flops
-from launch.run import entry, seed_everything
-from launch.scores import default_metric, task_metrics
+from data.task_data import TaskData
+from launch.core import dist
+from launch.core.checkpoint import CheckpointError
+from launch.core.metrics import arch_of, encoder_flops
+from launch.core.session import Session
+from launch.tasks.classify.config import FinetuneConfig
+from launch.tasks.classify.scores import default_metric, task_metrics
 
 
-class FinetuneTask:
-    def __init__(self, cfg: FinetuneConfig, info, data, hf_config, accum: int, session):
-        self.cfg, self.info, self.d, self.accum = cfg, info, data, accum
+class ClassifyTask:
+    def __init__(self, cfg: FinetuneConfig, info, data: TaskData, hf_config, session: Session):
+        p = session.plan
+        self.cfg, self.info, self.d, self.accum = cfg, info, data, p.accum
         self.arch, self.num_labels = arch_of(hf_config), data.labels.num_labels
         self.regression = data.labels.kind == "regression"
         self.micro, self.world = cfg.train.micro_batch_size, info.world_size
-        self.global_batch = self.micro * accum * self.world
-        self.steps_per_epoch = math.ceil(len(data.train) / self.global_batch)
-        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
+        self.global_batch = p.global_batch
+        self.steps_per_epoch = p.steps_per_epoch
+        self.total_steps = p.total_steps
         self.eval_every = cfg.eval.every or self.steps_per_epoch
+        self.keeps_best = cfg.eval.save_best
         self.metric = cfg.eval.metric or default_metric(data.labels.kind, self.num_labels)
         self.start_step = session.start_step
         saved = session.saved
@@ -145,55 +146,7 @@ class FinetuneTask:
         return better
 
     def finish(self, trainer) -> None:
-        from launch.finish import finish_finetune
+        from launch.tasks.classify.outputs import finish_finetune
 
         finish_finetune(self, trainer)
-
-
-def main(argv=None) -> int:
-    def load(path, overrides):
-        from launch.finetune_config import load_finetune
-
-        return load_finetune(path, overrides)
-
-    def dry_run(cfg):
-        from launch.dryrun import dry_run_finetune
-
-        return dry_run_finetune(cfg)
-
-    return entry(argv, "launch/finetune.py", "Fine-tune a BERT-style encoder on a sentence(-pair) task.",
-                 load, dry_run, run)
-
-
-def run(cfg: FinetuneConfig, info) -> int:
-    from launch import session as sess
-    from launch.finish import load_task_data, meta_writer_for
-    from model.build import check_positions
-    from model.classify import Classifier, load_classifier
-
-    data = load_task_data(cfg)
-    accum, problems = batch_arithmetic(cfg.train, info.world_size)
-    if problems:
-        raise configlib.ConfigError(problems)
-    if not cfg.train.warmup_steps and cfg.train.warmup_ratio:  # resolved here, so config.yaml shows it
-        steps = cfg.train.max_steps or math.ceil(
-            cfg.train.epochs * math.ceil(len(data.train) / (cfg.train.micro_batch_size * accum * info.world_size)))
-        cfg.train.warmup_steps = int(cfg.train.warmup_ratio * steps)
-    seed_everything(cfg.train.seed)
-    labels = data.labels
-    id2label = None if labels.kind == "regression" else dict(enumerate(labels.names))
-    hf_model, hf_config = load_classifier(cfg.model, labels.num_labels, id2label, labels.kind == "regression",
-                                          len(data.tokenizer), cfg.train.seed, data.pad_id)
-    check_positions(hf_config, cfg.task.max_length, "task.max_length")
-    seed_everything(cfg.train.seed + 7919 * info.rank)
-    s = sess.plan(cfg, info, 1, hf_config.hidden_size)
-    task = FinetuneTask(cfg, info, data, hf_config, s.accum, s)
-    from launch.tracking import make_tracker
-
-    tracker = make_tracker(cfg, info, s) if info.is_main else None
-    trainer = sess.start(s, Classifier(hf_model, labels.kind == "regression"), task, tracker=tracker,
-                         meta_writer=meta_writer_for(hf_config, data.tokenizer))
-    if s.saved and s.saved["world_size"] != info.world_size:
-        seed_everything(cfg.train.seed + 7919 * info.rank + 104729 * trainer.state.step)
-    return trainer.fit()
 

@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-EXIT_HUNG = 4
+from launch.core.exits import EXIT_HUNG
 
 
 class Heartbeat:
@@ -25,6 +25,7 @@ class Heartbeat:
         self.path = self.dir / f"rank_{rank:05d}"
         self.last = time.time()
         self.step = 0
+        self.paused = False
         self._lock = threading.Lock()
         self._written, self._wrote = 0.0, None
         self.beat(0)
@@ -52,13 +53,12 @@ class Heartbeat:
             self._written, self._wrote = time.time(), (step, last)
 
     def pause(self) -> None:
-        """Long single-rank work (final export on rank 0) is not a hang."""
-        self.last = float("inf")
+        """From now on, long single-rank work (rank 0's final export) is not a hang. Later beats (a save)
+        still record progress but do not re-arm the watchdog."""
+        self.paused = True
 
-    def resume(self) -> None:
-        self.last = time.time()
-
-    def stop(self) -> None:
+    def close(self) -> None:
+        """End the watchdog thread (the run is over; the process may go on, e.g. inside tests)."""
         self._stop.set()
 
     def others(self) -> dict[int, tuple[int, float]]:
@@ -85,7 +85,7 @@ class Heartbeat:
         while not self._stop.wait(self.poll):
             self._write()
             idle = time.time() - self.last
-            if idle > self.timeout:
+            if idle > self.timeout and not self.paused:
                 msg = (f"[rank {self.rank}] error: no progress for {idle:.0f}s (train.dist_timeout_s="
                        f"{self.timeout:g}) at step {self.step}; waiting on {self.diagnose()}: a rank hung or "
                        "died. Exiting so the launcher can stop the job; resume from the last checkpoint.")

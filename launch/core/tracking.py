@@ -1,7 +1,8 @@
 """wandb on rank 0 only, and never fatal: any wandb failure becomes one warning, metrics.jsonl goes on.
 
-- mode auto: online when an API key is configured (WANDB_API_KEY or a wandb entry in ~/.netrc), else
-  offline with a hint on syncing; disabled: no wandb import at all.
+- mode auto: WANDB_DISABLED=true / WANDB_MODE=disabled|offline|online when set, else online when an API
+  key is configured (WANDB_API_KEY or a wandb entry in ~/.netrc), else offline with a hint on syncing;
+  disabled: no wandb import at all.
 - The run id is stored in every checkpoint; a resumed (or SLURM-requeued) run continues the same wandb
   run (resume="allow"). Steps the killed attempt had already logged are not logged again: an exact
   resume reproduces them bit for bit, so the values already in wandb are the right ones.
@@ -16,8 +17,8 @@ import secrets
 import warnings
 from pathlib import Path
 
-from launch import configlib
-from launch.run import redact
+from launch.core import configlib
+from launch.core.secrets import redact
 
 
 def api_key_configured() -> bool:
@@ -63,30 +64,45 @@ class Tracker:
                       stacklevel=3)
 
 
+def auto_mode() -> tuple[str, str]:
+    """log.wandb.mode=auto -> (mode, why). The ecosystem's own switches come first: WANDB_DISABLED=true
+    (Hugging Face's) or WANDB_MODE=disabled turn wandb off, WANDB_MODE=offline/online picks that mode;
+    otherwise online when an API key is configured, else offline."""
+    if os.environ.get("WANDB_DISABLED", "").strip().lower() in ("true", "1", "yes"):
+        return "disabled", "WANDB_DISABLED is set"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("disabled", "offline", "online"):
+        return env, f"WANDB_MODE={env}"
+    if env == "dryrun":  # wandb's old name for offline
+        return "offline", "WANDB_MODE=dryrun"
+    if api_key_configured():
+        return "online", "an API key is configured"
+    return "offline", "no API key configured"
+
+
 def make_tracker(cfg, info, session) -> Tracker | None:
     """Rank 0 only. Returns None when disabled or when wandb cannot start."""
     w = cfg.log.wandb
-    if w.mode == "disabled" or not info.is_main:
+    mode, why = (w.mode, "") if w.mode != "auto" else auto_mode()
+    if mode == "disabled" or not info.is_main:
         return None
-    mode = w.mode
-    if mode == "auto":
-        mode = "online" if api_key_configured() else "offline"
-        if mode == "offline":
-            print(f"wandb: no API key configured, logging offline to {cfg.output_dir}/wandb "
-                  "(upload later with `wandb sync <run dir>`; log.wandb.mode=disabled turns it off)", flush=True)
+    if why == "no API key configured":
+        print(f"wandb: no API key configured, logging offline to {cfg.output_dir}/wandb "
+              "(upload later with `wandb sync <run dir>`; log.wandb.mode=disabled turns it off)", flush=True)
     saved = session.saved or {}
     try:
         import wandb
 
         run_id = saved.get("wandb_id") or secrets.token_hex(4)  # wandb ids: 8 lowercase alnum
-        # x_disable_meta: no command line / environment / host metadata in the run (they can hold secrets)
+        # x_disable_meta: no command line / environment / host metadata in the run (they can hold secrets);
+        # disable_git: the run folder is no git checkout (wandb would warn "git root ... does not exist")
         # flush the run's .wandb log every second (default 15 s): a SIGKILL then loses at most a second
         # of rows, and those are replayed from metrics.jsonl on resume (see `resume_tracker`)
         run = wandb.init(project=w.project, entity=w.entity, name=redact(w.name or Path(cfg.output_dir).name),
                          tags=redact(list(w.tags)) or None, id=run_id, resume="allow", mode=mode,
                          dir=cfg.output_dir, config=redact(configlib.to_dict(cfg)),
                          settings=wandb.Settings(silent=True, x_disable_meta=True, save_code=False,
-                                                 x_transaction_log_flush_interval=1.0))
+                                                 disable_git=True, x_transaction_log_flush_interval=1.0))
     except Exception as e:
         warnings.warn(f"wandb could not start ({type(e).__name__}: {e}); continuing without it", stacklevel=2)
         return None

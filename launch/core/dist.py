@@ -199,4 +199,11 @@ def destroy() -> None:
 
     _CONTROL = None
     if dist.is_initialized():
-        dist.destroy_process_group()
+        import gc
+
+        import deepspeed.comm
+
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups: a later init is clean
+        # collect the dead groups now: in a long-lived process (tests) a forked dataloader worker would
+        # otherwise run their destructors and deadlock on threads that do not exist in the child
+        gc.collect()

@@ -1,19 +1,18 @@
-"""The run configuration: one typed tree per entry point, loaded from YAML + `key=value` overrides.
+"""The config sections every task shares (model, train, deepspeed, eval, log, checkpoint) and their checks.
 
-The key names are public interface (README, example configs, users' YAML files): keep them.
-Unknown keys are rejected with a did-you-mean; all problems are reported at once (launch/configlib.py).
+Each task's config (launch/tasks/*/config.py) is one typed tree made of these plus its own data section,
+loaded from YAML + `key=value` overrides. The key names are public interface (README, example configs,
+users' YAML files): keep them. Unknown keys are rejected with a did-you-mean; all problems are reported
+at once (launch/core/configlib.py).
 """
 
 from __future__ import annotations
 
-import glob
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data.embedded import MODEL_ALIASES
-from launch import configlib
-from launch.configlib import REQUIRED
+from model.packaged import MODEL_ALIASES
 
 PRESETS = ("tiny", "mini", "small", "bert-base", "bert-large")
 
@@ -43,45 +42,6 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
-    train_files: list[str] = field(default_factory=list)
-    """Paths or globs of .txt / .jsonl files (or `embedded:pydoc`, text that ships with Python)."""
-    eval_files: list[str] = field(default_factory=list)
-    """Held-out files, same formats; evaluated in full every eval.every steps."""
-    txt_documents: Literal["blank_line", "line"] = "blank_line"
-    """How .txt files split into documents: blank_line = a run of non-empty lines separated by one or
-    more blank lines (WikiText paragraphs, books); line = every non-empty line is a document."""
-    text_field: str = "text"
-    """Field holding the text in .jsonl records (and in hub datasets)."""
-    dataset: str | None = None
-    """A `datasets` hub name, streamed instead of train_files (needs network/hub access)."""
-    dataset_config: str | None = None
-    """The hub dataset's configuration name, if it has several."""
-    train_split: str = "train"
-    """Split of data.dataset for training."""
-    eval_split: str | None = None
-    """Split of data.dataset for evaluation (None: no eval from the hub)."""
-    cache: str | None = None
-    """A token cache folder from `python -m data.prepare`; when set it is read instead of train_files."""
-    block_size: int = 128
-    """Tokens per packed block (sequence length)."""
-    mlm_probability: float = 0.15
-    """Fraction of (non-special) tokens selected for MLM; of those 80% -> [MASK], 10% random, 10% kept."""
-    whole_word_masking: bool = False
-    """Select whole words (all their ## pieces) instead of single tokens."""
-    num_workers: int = 2
-    """Dataloader worker processes per rank (0: read and tokenize in the training process)."""
-    last_block: Literal["pad", "drop"] = "pad"
-    """The one short block at the end of each stream's epoch: pad it (counted as pad tokens) or drop it."""
-    encoding_errors: Literal["strict", "replace"] = "strict"
-    """Non-UTF-8 bytes: strict = stop with the file and byte offset; replace = U+FFFD, counted in metrics."""
-    max_chunk_bytes: int = 1 << 20
-    """Longer lines are read and tokenized in pieces of at most this many bytes, cut at whitespace."""
-    audit: bool = False
-    """Record which document tokens every trained block held (output_dir/audit/), for exactly-once checks."""
-
-
-@dataclass
 class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to train for."""
@@ -93,7 +53,9 @@ class TrainConfig:
     lr: float = 1e-4
     """Peak learning rate."""
     warmup_steps: int = 0
-    """Linear warmup from 0 to lr."""
+    """Linear warmup from 0 to lr, in optimizer steps."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of all steps, used when train.warmup_steps is 0."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warmup (transformers' schedulers)."""
     weight_decay: float = 0.01
@@ -142,7 +104,8 @@ class EvalConfig:
 @dataclass
 class WandbConfig:
     mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    """auto: online when an API key is configured, else offline (sync later with `wandb sync`)."""
+    """auto: off when WANDB_MODE=disabled or WANDB_DISABLED=true is set, else WANDB_MODE when set, else
+    online when an API key is configured, else offline (sync later with `wandb sync`)."""
     project: str = "bertlaunch"
     """wandb project."""
     entity: str | None = None
@@ -181,58 +144,6 @@ class CheckpointConfig:
     format) and re-splits the unread data; false: such a resume is an error."""
 
 
-@dataclass
-class PretrainConfig:
-    output_dir: str = REQUIRED
-    """Where config.yaml, metrics.jsonl, checkpoints/ and final/ go."""
-    tokenizer: str = "bert-base-uncased"
-    """Tokenizer folder or tokenizer.json; bert-base-uncased resolves to an offline copy of its vocab."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model architecture or pretrained weights."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Corpus, packing and masking."""
-    train: TrainConfig = field(default_factory=TrainConfig)
-    """Optimization."""
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    """DeepSpeed engine."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """Held-out evaluation."""
-    log: LogConfig = field(default_factory=LogConfig)
-    """Metrics, progress bar and wandb."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Checkpoints and resume."""
-
-    def validate(self) -> list[str]:
-        p = validate_model(self.model)
-        p += validate_train(self.train)
-        p += validate_deepspeed(self.deepspeed)
-        d = self.data
-        if not (d.train_files or d.dataset or d.cache):
-            p.append("no training data: set data.train_files (paths or globs of .txt/.jsonl), "
-                     "data.cache (a prepared token cache) or data.dataset (a hub dataset name)")
-        for key in ("train_files", "eval_files"):
-            for pattern in getattr(d, key) or []:
-                if pattern and not pattern.startswith("embedded:") and not glob.glob(pattern):
-                    p.append(f"data.{key}: '{pattern}' matches no file (check the path; globs like "
-                             "'corpus/*.txt' are allowed)")
-        if d.cache and not Path(d.cache, "meta.json").is_file():
-            p.append(f"data.cache: '{d.cache}' is not a finished token cache (no meta.json); build it with "
-                     "python -m data.prepare --config <this config> --out <folder>")
-        if d.block_size is not None and not 8 <= d.block_size:
-            p.append(f"data.block_size must be at least 8, got {d.block_size}")
-        if self.model.preset and d.block_size and d.block_size > self.model.max_position_embeddings:
-            p.append(f"data.block_size={d.block_size} exceeds model.max_position_embeddings="
-                     f"{self.model.max_position_embeddings}: lower the block size or raise the positions")
-        if d.mlm_probability is not None and not 0.0 < d.mlm_probability < 1.0:
-            p.append(f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
-        if d.num_workers is not None and d.num_workers < 0:
-            p.append(f"data.num_workers must be >= 0, got {d.num_workers}")
-        if d.max_chunk_bytes is not None and d.max_chunk_bytes < 1024:
-            p.append(f"data.max_chunk_bytes must be >= 1024, got {d.max_chunk_bytes}")
-        p += validate_common(self)
-        return p
-
-
 def validate_model(m: ModelConfig) -> list[str]:
     p = []
     if bool(m.preset) == bool(m.pretrained):
@@ -262,6 +173,8 @@ def validate_train(t: TrainConfig) -> list[str]:
         p.append(f"train.lr must be > 0, got {t.lr}")
     if t.warmup_steps is not None and t.warmup_steps < 0:
         p.append(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.warmup_ratio is not None and not 0.0 <= t.warmup_ratio < 1.0:
+        p.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.adam_betas is not None and (len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas)):
         p.append(f"train.adam_betas must be two numbers in [0, 1), got {t.adam_betas}")
     if t.grad_clip is not None and t.grad_clip < 0:
@@ -289,22 +202,3 @@ def validate_common(cfg) -> list[str]:
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         p.append(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     return p
-
-
-def batch_arithmetic(train: TrainConfig, world_size: int) -> tuple[int, list[str]]:
-    """Gradient-accumulation steps implied by global = micro x accum x world; problems if it is not whole."""
-    micro = train.micro_batch_size
-    glob_bs = train.global_batch_size or micro * world_size
-    per_step = micro * world_size
-    if glob_bs % per_step:
-        lo = max(per_step, glob_bs // per_step * per_step)
-        return 0, [f"train.global_batch_size={glob_bs} is not a multiple of micro_batch_size x world_size "
-                   f"= {micro} x {world_size} = {per_step}: use {lo} or {lo + per_step}, or change "
-                   "train.micro_batch_size"]
-    return glob_bs // per_step, []
-
-
-
-
-def load_pretrain(path: str | None, overrides: list[str] | None = None) -> PretrainConfig:
-    return configlib.load(PretrainConfig, path, overrides)

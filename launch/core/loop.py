@@ -1,10 +1,8 @@
-"""The training loop (shared by pretraining and fine-tuning) and what happens between steps.
+"""The training loop (shared by every task) and what happens between steps.
 
-A `task` supplies the data and the model-specific parts:
-  batches() -> iterator of micro-batches     forward(engine, batch) -> scalar loss
-  consumed(batch, step)  (remember the data position)     null_batch() -> a batch with no targets
-  counts(batch) -> dict of real_tokens, slots, head_rows, sequences     flops(counts) -> float
-  evaluate(engine) -> dict     data_state() -> dict (collective)     total_steps: int
+A task (launch/core/task.py: the `Task` protocol) supplies the data, the forward pass, evaluation and
+the end-of-run outputs; the loop owns accumulation, the non-finite-loss policy, logging, evaluation and
+checkpoint cadence, and stopping on signals.
 """
 
 from __future__ import annotations
@@ -16,9 +14,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from launch import dist
-from launch.run import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
-from launch.watchdog import Heartbeat
+from launch.core import dist
+from launch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from launch.core.probes import FaultInjection, Profiler, SpikeDetector
+from launch.core.task import Task
+from launch.core.watchdog import Heartbeat
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, *, cfg, info, engine, task, state: TrainState, accum: int, metrics, saver,
+    def __init__(self, *, cfg, info, engine, task: Task, state: TrainState, accum: int, metrics, saver,
                  stop_flag, trainer_extra, peak_flops: float | None):
         self.cfg, self.info, self.engine, self.task = cfg, info, engine, task
         self.state, self.accum, self.metrics, self.saver = state, accum, metrics, saver
@@ -52,6 +52,13 @@ class Trainer:
 
     def fit(self) -> int:
         """Train to task.total_steps; returns the process exit code."""
+        try:
+            return self._fit()
+        finally:
+            self.heartbeat.close()
+            self.stop_flag.restore()
+
+    def _fit(self) -> int:
         task, engine = self.task, self.engine
         batches = task.batches()
         while self.state.step < task.total_steps:
@@ -78,6 +85,7 @@ class Trainer:
 
     # -- between steps ---------------------------------------------------------------------------
     def _after_step(self, bad: int) -> int | None:
+        """Log, evaluate, checkpoint; returns an exit code when the run must stop here."""
         step, cfg = self.state.step, self.cfg
         self.state.bad_micro_batches += bad
         self.state.skipped_steps += bad == self.accum
@@ -86,11 +94,9 @@ class Trainer:
             self.metrics.info(f"WARNING: step {step}: {bad}/{self.accum} micro-batch(es) had a non-finite "
                               f"loss and were dropped (train.nan_policy={cfg.train.nan_policy})")
             if cfg.train.nan_policy == "stop" or self.bad_in_row >= cfg.train.max_bad_steps:
-                self.save()
-                self.metrics.info(f"stopping: non-finite loss at step {step}; the last good state is in "
-                                  f"{self.saver.root}; lower train.lr, use bf16/fp32, or inspect the data")
-                self.metrics.close()
-                return EXIT_NONFINITE
+                return self._stop(EXIT_NONFINITE, f"stopping: non-finite loss at step {step}; the last good "
+                                  f"state is in {self.saver.root}; lower train.lr, use bf16/fp32, or inspect "
+                                  "the data")
         record = None
         if step % cfg.log.every == 0 or step == self.task.total_steps:
             record = self._log_record()
@@ -100,26 +106,31 @@ class Trainer:
                                   f"{self.spikes.mean:.4g}); watch for divergence (lower train.lr / more warmup)")
             self.metrics.write(record)
             if not self.check_each and not math.isfinite(record["loss"]):  # nan_check=log_steps
-                self.metrics.info(f"stopping: non-finite loss in the steps before {step}; resume from the last "
-                                  f"checkpoint in {self.saver.root} (lower train.lr, or use train.nan_check="
-                                  "micro_batch to drop bad batches instead)")
-                self.metrics.close()
-                return EXIT_NONFINITE
+                return self._stop(EXIT_NONFINITE, f"stopping: non-finite loss in the steps before {step}; "
+                                  f"resume from the last checkpoint in {self.saver.root} (lower train.lr, or use "
+                                  "train.nan_check=micro_batch to drop bad batches instead)", save=False)
         self.metrics.step(step, record)
         if self.task.eval_every and step % self.task.eval_every == 0 and step < self.task.total_steps:
             self.evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
         if dist.all_reduce([float(self.stop_flag.signum)], "max", host=True)[0]:  # all ranks agree to stop
-            self.save()
-            self.metrics.info(f"signal received: checkpoint saved at step {step}; exiting with code "
-                              f"{EXIT_REQUEUE} (rerun the same command to resume)")
-            self.metrics.close()
-            return EXIT_REQUEUE
+            return self._stop(EXIT_REQUEUE, f"signal received: checkpoint saved at step {step}; exiting with "
+                              f"code {EXIT_REQUEUE} (rerun the same command to resume)")
         return None
 
+    def _stop(self, code: int, message: str, save: bool = True) -> int:
+        """The one way out before the last step: checkpoint (unless the state is suspect), say why, close."""
+        if save:
+            self.save()
+        self.metrics.info(message)
+        self.metrics.close()
+        return code
+
     def _finish(self) -> int:
-        self.heartbeat.pause()  # rank 0 exports alone now: not a hang
+        # from here on rank 0 works alone at times (the final export): not a hang. Saving below beats the
+        # heartbeat but does not re-arm the watchdog; tasks put single-rank work after their last collective.
+        self.heartbeat.pause()
         self.evaluate()
         if self.cfg.checkpoint.at_end:
             self.save()  # the final checkpoint is also the source of output_dir/final
@@ -137,7 +148,7 @@ class Trainer:
             self.metrics.write({"step": self.state.step, **result})
             self.metrics.info(f"eval @ step {self.state.step}: "
                               + " ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float)))
-            if improved and getattr(self.cfg.eval, "save_best", False):
+            if improved and self.task.keeps_best:
                 self.saver.protected = {self.state.step}  # the best checkpoint outlives keep_last
                 self.save()
         return result
@@ -214,71 +225,3 @@ class Trainer:
         self._reset_meter()
         return {k: v for k, v in record.items() if not (isinstance(v, float) and math.isnan(v))} | {
             "loss": record["loss"]}
-
-
-class Profiler:
-    """torch.profiler over steps 11-15 (after warm-up and compilation): a table and a Chrome trace."""
-
-    def __init__(self, output_dir: str, is_main: bool, first: int = 11, last: int = 15):
-        self.dir, self.is_main, self.first, self.last, self.prof = output_dir, is_main, first, last, None
-
-    def step(self, step: int) -> None:
-        from torch.profiler import ProfilerActivity, profile
-
-        if step == self.first - 1:
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            self.prof = profile(activities=acts)
-            self.prof.__enter__()
-        elif step == self.last and self.prof is not None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.prof.__exit__(None, None, None)
-            if self.is_main:
-                from pathlib import Path
-
-                key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-                table = self.prof.key_averages().table(sort_by=key, row_limit=40)
-                (Path(self.dir) / "profile.txt").write_text(table)
-                self.prof.export_chrome_trace(str(Path(self.dir) / "profile_trace.json"))
-            self.prof = None
-
-
-class SpikeDetector:
-    """Warns when a logged loss jumps far above its recent exponential mean (a sign of divergence)."""
-
-    def __init__(self, alpha: float = 0.1, sigmas: float = 4.0, warmup: int = 5):
-        self.alpha, self.sigmas, self.warmup = alpha, sigmas, warmup
-        self.mean, self.var, self.n = 0.0, 0.0, 0
-
-    def is_spike(self, loss: float) -> bool:
-        if not math.isfinite(loss):
-            return False
-        spike = self.n >= self.warmup and loss > self.mean + self.sigmas * math.sqrt(self.var) and \
-            loss > 1.2 * self.mean
-        if not spike:  # spikes do not pollute the running statistics
-            d = loss - self.mean if self.n else 0.0
-            self.mean = loss if not self.n else self.mean + self.alpha * d
-            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
-            self.n += 1
-        return spike
-
-
-class FaultInjection:
-    """Test hooks, inert unless set: BERTLAUNCH_NAN_AT_STEP=k makes step k's loss NaN;
-    BERTLAUNCH_HANG_AT_STEP=k with BERTLAUNCH_HANG_RANK=r makes rank r hang at step k."""
-
-    def __init__(self, rank: int, next_step):
-        import os
-
-        self.rank, self.next_step = rank, next_step
-        self.nan_at = int(os.environ.get("BERTLAUNCH_NAN_AT_STEP", 0))
-        self.hang_at = int(os.environ.get("BERTLAUNCH_HANG_AT_STEP", 0))
-        self.hang_rank = int(os.environ.get("BERTLAUNCH_HANG_RANK", -1))
-
-    def __call__(self, loss):
-        step = self.next_step()
-        if self.hang_at and step == self.hang_at and self.rank == self.hang_rank:
-            time.sleep(1 << 20)
-        if self.nan_at and step == self.nan_at:
-            return loss * float("nan")
-        return loss

@@ -1,4 +1,4 @@
-"""Fine-tuning run configuration (shares the model / train / deepspeed / log / checkpoint sections)."""
+"""The fine-tuning config: the shared sections (launch/core/config.py) plus the task table and columns (`task`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from launch import configlib
-from launch.config import (
-    REQUIRED,
+from launch.core.config import (
     CheckpointConfig,
     DeepSpeedConfig,
     EvalConfig,
@@ -20,6 +18,7 @@ from launch.config import (
     validate_model,
     validate_train,
 )
+from launch.core.configlib import REQUIRED
 
 
 @dataclass
@@ -77,8 +76,8 @@ class FinetuneTrainConfig(TrainConfig):
     adam_eps: float = 1e-8
     """AdamW epsilon."""
     warmup_ratio: float = 0.1
-    """Warmup as a fraction of all steps (used when train.warmup_steps is 0); BERT's fine-tuning recipe
-    uses 10%."""
+    """Warmup as a fraction of all steps, used when train.warmup_steps is 0 (BERT's fine-tuning recipe:
+    10%)."""
 
 
 @dataclass
@@ -135,6 +134,3 @@ class FinetuneConfig:
             p.append(f"eval.metric '{self.eval.metric}' is not one of: {', '.join(metrics)}")
         return p + validate_common(self)
 
-
-def load_finetune(path: str | None, overrides: list[str] | None = None) -> FinetuneConfig:
-    return configlib.load(FinetuneConfig, path, overrides)

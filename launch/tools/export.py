@@ -1,4 +1,4 @@
-"""Export a checkpoint to Hugging Face format: `python -m launch.export CHECKPOINT OUT`.
+"""Export a checkpoint to Hugging Face format: `python -m launch.tools.export CHECKPOINT OUT`.
 
 Works for every ZeRO stage without GPUs or a process group: the fp32 master weights are gathered from
 the per-rank partitions on disk (DeepSpeed's zero_to_fp32), or read from the model file for stage 0.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from launch.checkpoint import DS_TAG, verify
+from launch.core.checkpoint import DS_TAG, verify
 
 META = "hf_meta"  # inside a checkpoint: model config.json, tokenizer files, task info (labels)
 
@@ -93,7 +93,7 @@ def export(ckpt: str | Path, out: str | Path, *, verify_manifest: bool = True) -
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.export", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m launch.tools.export", description=__doc__)
     p.add_argument("checkpoint", help="output_dir/checkpoints/step_NNNNNNNN")
     p.add_argument("out", help="folder for the Hugging Face model (config.json, model.safetensors, tokenizer)")
     args = p.parse_args(argv)

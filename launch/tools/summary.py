@@ -1,7 +1,7 @@
 """Mean ± std of fine-tuning results over several runs (seeds, array tasks):
 
-    python -m launch.summary runs/mrpc_seed*        # reads each output_dir/eval_results.json
-    python -m launch.summary --json runs/mrpc_seed*
+    python -m launch.tools.summary runs/mrpc_seed*        # reads each output_dir/eval_results.json
+    python -m launch.tools.summary --json runs/mrpc_seed*
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def stats(xs: list[float]) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.summary", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m launch.tools.summary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", help="fine-tuning output dirs (globs allowed)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -9,31 +9,26 @@ from __future__ import annotations
 import math
 import sys
 
-from launch import dist
-from launch.config import batch_arithmetic
-from launch.engine import fill_ds_config, load_ds_json, resolve_precision, zero_stage
+from launch.core import dist
+from launch.core.engine import zero_stage
+from launch.core.plan import Plan, make_plan
 
 GIB = 1 << 30
 
 
-def _plan_common(cfg, workers: int, problems: list[str]) -> tuple[dist.DistInfo, int, dict]:
+def _show_plan(cfg, workers: int, problems: list[str], **plan_args) -> tuple[dist.DistInfo, Plan]:
+    """The real run's plan (launch/core/plan.py) for the world this dry run sees; its problems are kept."""
     info = dist.detect()
-    accum, more = batch_arithmetic(cfg.train, info.world_size)
-    problems += more
-    precision = resolve_precision(cfg.train.precision)
-    ds, more = fill_ds_config(load_ds_json(cfg.deepspeed.config), micro=cfg.train.micro_batch_size,
-                              accum=max(accum, 1), world=info.world_size, precision=precision, lr=cfg.train.lr,
-                              betas=cfg.train.adam_betas, eps=cfg.train.adam_eps,
-                              weight_decay=cfg.train.weight_decay, grad_clip=cfg.train.grad_clip,
-                              source=f"deepspeed.config {cfg.deepspeed.config}")
+    p, more = make_plan(cfg, info.world_size, **plan_args)
     problems += more
     print(f"launcher      {info.launcher}: world size {info.world_size} (rank {info.rank}, local rank "
           f"{info.local_rank} of {info.local_world_size}), master {info.master_addr}:{info.master_port}")
-    print(f"batch         global {cfg.train.global_batch_size or cfg.train.micro_batch_size * info.world_size} = "
-          f"micro {cfg.train.micro_batch_size} x accumulation {accum} x world {info.world_size}; "
-          f"{workers} dataloader worker(s) per rank")
-    print(f"precision     {precision}; DeepSpeed ZeRO stage {zero_stage(ds)} ({cfg.deepspeed.config})")
-    return info, accum, ds
+    print(f"batch         global {p.global_batch} = micro {cfg.train.micro_batch_size} x accumulation {p.accum} x "
+          f"world {info.world_size}; {workers} dataloader worker(s) per rank")
+    print(f"steps         {p.total_steps}" + (f" ({p.steps_per_epoch} per epoch)" if p.steps_per_epoch else "")
+          + f", warmup {p.warmup_steps}")
+    print(f"precision     {p.precision}; DeepSpeed ZeRO stage {zero_stage(p.ds_config)} ({cfg.deepspeed.config})")
+    return info, p
 
 
 def memory_table(params: int, hidden: int, layers: int, heads: int, seq: int, micro: int, world: int,
@@ -64,32 +59,28 @@ def dry_run_pretrain(cfg) -> int:
 
     problems: list[str] = []
     workers = max(cfg.data.num_workers, 1)
-    info, accum, ds = _plan_common(cfg, workers, problems)
     try:
         spec, tok = load_spec(cfg.tokenizer), load_hf_tokenizer(cfg.tokenizer)
         model_cfg, params = _model_meta(cfg, spec, problems)
     except (OSError, ValueError) as e:
         return _finish(problems + [str(e)])
+    info, p = _show_plan(cfg, workers, problems, hidden_size=model_cfg.hidden_size)
     print(f"model         {cfg.model.preset or cfg.model.pretrained}: {params / 1e6:.1f}M parameters, vocab "
           f"{model_cfg.vocab_size} (tokenizer {spec.vocab_size})")
     print("memory/device " + memory_table(params, model_cfg.hidden_size, model_cfg.num_hidden_layers,
                                           model_cfg.num_attention_heads, cfg.data.block_size,
-                                          cfg.train.micro_batch_size, info.world_size, resolve_precision(
-                                              cfg.train.precision)))
+                                          cfg.train.micro_batch_size, info.world_size, p.precision))
     try:
         from data.mlm import MLMDataset, MLMSettings, initial_states
 
         files, sizes, est = _corpus(cfg, spec)
         n = info.world_size * workers
         blocks = est / cfg.data.block_size
-        per_step = cfg.train.global_batch_size or cfg.train.micro_batch_size * info.world_size
         print(f"data          {len(files)} file(s), {sum(sizes) / 1e6:.1f} MB -> ~{est / 1e6:.2f}M tokens per epoch "
-              f"(~{blocks:,.0f} blocks of {cfg.data.block_size}, ~{blocks / per_step:,.0f} steps), {n} stream(s)")
-        d = cfg.data
-        s = MLMSettings(d.block_size, min(cfg.train.micro_batch_size, 2), d.mlm_probability, d.whole_word_masking,
-                        cfg.train.seed, d.last_block, d.txt_documents, d.text_field, d.max_chunk_bytes,
-                        d.encoding_errors)
-        batch = next(iter(MLMDataset(files, sizes, spec, s, initial_states(0, 1, 1), cache=d.cache)))
+              f"(~{blocks:,.0f} blocks of {cfg.data.block_size}, ~{blocks / p.global_batch:,.0f} steps), "
+              f"{n} stream(s)")
+        s = MLMSettings.from_config(cfg, micro_batch_size=min(cfg.train.micro_batch_size, 2), audit=False)
+        batch = next(iter(MLMDataset(files, sizes, spec, s, initial_states(0, 1, 1), cache=cfg.data.cache)))
         ids, labels = batch["input_ids"][0].numpy(), batch["labels"][0].numpy()
         print(f"one block     input ({int((labels != -100).sum())} of {len(ids)} tokens masked):\n  "
               + tok.decode(ids.tolist())[:600])
@@ -146,22 +137,12 @@ def _corpus(cfg, spec):
 
 def dry_run_finetune(cfg) -> int:
     problems: list[str] = []
-    info, accum, _ = _plan_common(cfg, 1, problems)
     try:
-        from launch.finish import load_task_data
+        from launch.tasks.classify.run import load_data
 
-        data = load_task_data(cfg)
+        data = load_data(cfg)
     except (OSError, ValueError) as e:
         return _finish(problems + [str(e)])
-    labels = data.labels
-    g = cfg.train.micro_batch_size * max(accum, 1) * info.world_size
-    steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * math.ceil(len(data.train) / g))
-    print(f"task          {labels.kind}, {labels.num_labels} output(s)"
-          + (f", labels {labels.names}" if labels.names else "")
-          + f"; train {len(data.train)}, eval {len(data.eval) if data.eval else 0}, "
-            f"test {len(data.test) if data.test else 0} examples; {steps} steps")
-    print(f"lengths       mean {data.train.lengths.mean():.1f}, max {data.train.lengths.max()} tokens "
-          f"(task.max_length {cfg.task.max_length})")
     import numpy as np
 
     from data.pairs import collate
@@ -171,14 +152,24 @@ def dry_run_finetune(cfg) -> int:
 
     try:
         model_cfg, params = _model_meta(cfg, Spec, problems)
+    except (OSError, ValueError) as e:
+        problems.append(str(e))
+        model_cfg = None
+    info, p = _show_plan(cfg, 1, problems, examples=len(data.train), epochs=cfg.train.epochs,
+                         hidden_size=getattr(model_cfg, "hidden_size", None))
+    labels = data.labels
+    print(f"task          {labels.kind}, {labels.num_labels} output(s)"
+          + (f", labels {labels.names}" if labels.names else "")
+          + f"; train {len(data.train)}, eval {len(data.eval) if data.eval else 0}, "
+            f"test {len(data.test) if data.test else 0} examples; {p.total_steps} steps")
+    print(f"lengths       mean {data.train.lengths.mean():.1f}, max {data.train.lengths.max()} tokens "
+          f"(task.max_length {cfg.task.max_length})")
+    if model_cfg is not None:
         print(f"model         {cfg.model.preset or cfg.model.pretrained}: {params / 1e6:.1f}M parameters, vocab "
               f"{model_cfg.vocab_size} (tokenizer {Spec.vocab_size})")
         print("memory/device " + memory_table(params, model_cfg.hidden_size, model_cfg.num_hidden_layers,
                                               model_cfg.num_attention_heads, cfg.task.max_length,
-                                              cfg.train.micro_batch_size, info.world_size,
-                                              resolve_precision(cfg.train.precision)))
-    except (OSError, ValueError) as e:
-        problems.append(str(e))
+                                              cfg.train.micro_batch_size, info.world_size, p.precision))
     batch = collate(data.train, np.arange(min(2, len(data.train))), data.pad_id, labels.kind == "regression")
     for row in range(batch["meta"]["n"]):
         lab = batch["labels"][row].item()

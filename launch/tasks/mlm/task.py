@@ -1,4 +1,4 @@
-"""MLM pretraining: packed streaming blocks -> DeepSpeed engine -> metrics, checkpoints, final/ export."""
+"""The MLM pretraining task: packed, masked streaming blocks in; eval loss / perplexity; final/ out."""
 
 from __future__ import annotations
 
@@ -9,28 +9,29 @@ from pathlib import Path
 
 import torch
 
-from launch import configlib, dist
-from launch.config import PretrainConfig
-from launch.metrics import arch_of, encoder_flops
-from launch.run import entry, seed_everything
+from launch.core import configlib, dist
+from launch.core.checkpoint import step_dir
+from launch.core.metrics import arch_of, encoder_flops
+from launch.core.session import Session
+from launch.tasks.mlm.config import PretrainConfig
 
 
-class PretrainTask:
-    def __init__(self, cfg: PretrainConfig, info, spec, hf_config, sparse: bool, session):
+class MLMTask:
+    keeps_best = False  # pretraining keeps the newest checkpoints, not a best one
+
+    def __init__(self, cfg: PretrainConfig, info, spec, hf_config, session: Session):
         from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
         from data.sources import file_sizes, resolve_files
         from data.stream import StreamState, replan
 
-        self.cfg, self.info, self.spec, self.sparse = cfg, info, spec, sparse
+        self.cfg, self.info, self.spec, self.sparse = cfg, info, spec, cfg.model.sparse_mlm_head
         self.arch = arch_of(hf_config)
-        self.total_steps = cfg.train.max_steps
+        self.total_steps = session.plan.total_steps
         self.eval_every = cfg.eval.every
         self.workers = max(cfg.data.num_workers, 1)
         d = cfg.data
-        self.settings = MLMSettings(d.block_size, cfg.train.micro_batch_size, d.mlm_probability,
-                                    d.whole_word_masking, cfg.train.seed, d.last_block, d.txt_documents,
-                                    d.text_field, d.max_chunk_bytes, d.encoding_errors, d.audit)
-        if d.cache:  # a token cache from `python -m data.prepare`: shards play the role of files
+        self.settings = MLMSettings.from_config(cfg)
+        if d.cache:  # a token cache from `python -m launch.tools.prepare`: shards play the role of files
             from data.cache import check_tokenizer, read_meta, shard_names_and_sizes
 
             check_tokenizer(read_meta(d.cache), spec, d.cache)
@@ -174,13 +175,12 @@ class PretrainTask:
     def _eval_batches(self) -> list:
         """The rank's share of the eval set, masked deterministically; tokenized once and kept."""
         if self.eval_batches is None:
-            from data.mlm import MLMDataset, initial_states
+            from data.mlm import MLMDataset, MLMSettings, initial_states
             from data.sources import file_sizes, resolve_files
 
             files = resolve_files(self.cfg.data.eval_files)
-            eval_settings = type(self.settings)(**{**vars(self.settings), "audit": False,
-                                                   "micro_batch_size": self.cfg.eval.micro_batch_size
-                                                   or self.cfg.train.micro_batch_size})
+            eval_settings = MLMSettings.from_config(self.cfg, audit=False, micro_batch_size=
+                                                    self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size)
             ds = MLMDataset(files, file_sizes(files), self.spec, eval_settings,
                             initial_states(self.info.rank, self.info.world_size, 1), finite=True)
             limit = self.cfg.eval.max_batches
@@ -192,59 +192,21 @@ class PretrainTask:
                     self.eval_batches.append(batch)
         return self.eval_batches
 
-    def track_best(self, state, result) -> None:
-        if state.best_metric is None or result["eval_loss"] < state.best_metric:
+    def track_best(self, state, result) -> bool:
+        better = state.best_metric is None or result["eval_loss"] < state.best_metric
+        if better:
             state.best_metric, state.best_step = result["eval_loss"], state.step
+        return better
 
     def finish(self, trainer) -> None:
-        """output_dir/final: the last checkpoint exported to Hugging Face format (rank 0)."""
+        """output_dir/final: the last checkpoint exported to Hugging Face format by rank 0, alone (no
+        collective follows: the other ranks are done and do not wait for it)."""
         if self.audit_file is not None:
             self.audit_file.close()
-        ckpt = trainer.saver.root / f"step_{trainer.state.step:08d}"
+        ckpt = step_dir(trainer.saver.root, trainer.state.step)
         if self.info.is_main and ckpt.is_dir():
-            from launch.export import export
+            from launch.tools.export import export
 
             export(ckpt, Path(self.cfg.output_dir) / "final")
             trainer.metrics.info(f"final model: {Path(self.cfg.output_dir) / 'final'}")
-        dist.barrier()
 
-
-def main(argv=None) -> int:
-    def dry_run(cfg):
-        from launch.dryrun import dry_run_pretrain
-
-        return dry_run_pretrain(cfg)
-
-    return entry(argv, "launch/pretrain.py", "MLM pretraining of BERT-style encoders under DeepSpeed.",
-                 lambda path, overrides: configlib.load(PretrainConfig, path, overrides), dry_run, run)
-
-
-def run(cfg: PretrainConfig, info) -> int:
-    from data.tokenize import load_hf_tokenizer, load_spec
-    from launch import session as sess
-    from model.build import check_positions, load_mlm
-    from model.mlm import MaskedLM
-
-    spec = load_spec(cfg.tokenizer)
-    seed_everything(cfg.train.seed)
-    hf_model, hf_config = load_mlm(cfg.model, spec, cfg.train.seed)  # same initial weights on every rank
-    check_positions(hf_config, cfg.data.block_size, "data.block_size")
-    seed_everything(cfg.train.seed + 7919 * info.rank)  # distinct dropout per rank (restored on resume)
-    s = sess.plan(cfg, info, max(cfg.data.num_workers, 1), hf_config.hidden_size)
-    task = PretrainTask(cfg, info, spec, hf_config, cfg.model.sparse_mlm_head, s)
-    module = MaskedLM(hf_model, sparse_head=cfg.model.sparse_mlm_head)
-    if cfg.model.compile:
-        hf_model.base_model.compile()
-    hf_tok = load_hf_tokenizer(cfg.tokenizer)
-
-    def meta_writer(path: Path) -> None:
-        hf_config.save_pretrained(path)
-        hf_tok.save_pretrained(path)
-
-    from launch.tracking import make_tracker
-
-    tracker = make_tracker(cfg, info, s) if info.is_main else None
-    trainer = sess.start(s, module, task, tracker=tracker, meta_writer=meta_writer)
-    if s.saved and s.saved["world_size"] != info.world_size:  # RNG streams cannot be re-split: reseed
-        seed_everything(cfg.train.seed + 7919 * info.rank + 104729 * trainer.state.step)
-    return trainer.fit()

@@ -1,0 +1,48 @@
+"""Credentials never reach logs, config.yaml, checkpoints or wandb: what looks secret is redacted."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from launch.core import configlib
+
+SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "auth", "credential")
+
+
+def looks_secret(key: str, value) -> bool:
+    k = key.lower()
+    if any(w in k for w in SECRET_WORDS) and not k.endswith(("tokenizer", "tokens", "_tokens")):
+        return True
+    return isinstance(value, str) and _secret_value(value)
+
+
+def _secret_value(value: str) -> bool:
+    v = value.strip()
+    if v.startswith(("hf_", "sk-", "ghp_", "wandb_", "xoxb-", "AKIA")) and len(v) >= 16:
+        return True
+    env_secrets = [val for name, val in os.environ.items()
+                   if val and len(val) >= 12 and any(w in name.lower() for w in SECRET_WORDS)]
+    return any(s in v for s in env_secrets)
+
+
+def redact(obj, prefix: str = ""):
+    """Config dict with secret-looking keys/values replaced (for config.yaml, wandb, logs)."""
+    if isinstance(obj, dict):
+        return {k: ("<redacted>" if looks_secret(f"{prefix}{k}", v) and not isinstance(v, dict)
+                    else redact(v, f"{prefix}{k}.")) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v, prefix) for v in obj]
+    return "<redacted>" if isinstance(obj, str) and _secret_value(obj) else obj
+
+
+def write_config(cfg, output_dir: str) -> None:
+    """output_dir/config.yaml: the resolved config, secrets redacted, written atomically."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(redact(configlib.to_dict(cfg)), sort_keys=False)
+    tmp = out / "config.yaml.part"
+    tmp.write_text(text)
+    os.replace(tmp, out / "config.yaml")

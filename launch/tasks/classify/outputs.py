@@ -1,0 +1,72 @@
+"""Fine-tuning's end-of-run outputs: the best weights back in the engine, test predictions
+(predictions.tsv), eval_results.json and final/ (the Hugging Face export)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from launch.core.checkpoint import DS_TAG, step_dir
+
+
+def meta_writer_for(hf_config, tokenizer):
+    def write(path: Path) -> None:
+        hf_config.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        (path / "task.json").write_text(json.dumps({"kind": "classification"}))
+    return write
+
+
+def finish_finetune(task, trainer) -> None:
+    """Best weights back in the engine, test predictions (collective), then rank 0 alone writes
+    eval_results.json and final/; no collective follows, so the other ranks do not wait on the export."""
+    cfg, state, engine = task.cfg, trainer.state, trainer.engine
+    out = Path(cfg.output_dir)
+    source = step_dir(trainer.saver.root, state.step)
+    if cfg.eval.save_best and state.best_step is not None and state.best_step != state.step:
+        source = step_dir(trainer.saver.root, state.best_step)
+        path, _ = engine.load_checkpoint(str(source / "ds"), tag=DS_TAG, load_module_only=True,
+                                         load_optimizer_states=False, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"could not load the best checkpoint {source}")
+    results = {"best_step": state.best_step, "metric": task.metric, "best": state.best_result,
+               "final_step": state.step, "labels": task.d.labels.names, "train_examples": len(task.d.train)}
+    if task.d.test is not None:
+        engine.eval()
+        import torch
+
+        with torch.no_grad():
+            logits = task.predict(engine, task.d.test)
+        if task.d.test_has_labels:
+            results["test"] = task.scores(logits, task.d.test.labels, "test")
+        if trainer.info.is_main:
+            write_predictions(out / "predictions.tsv", logits, task)
+    if trainer.info.is_main:
+        (out / "eval_results.json").write_text(json.dumps(results, indent=1))
+        if source.is_dir():
+            from launch.tools.export import export
+
+            export(source, out / "final")
+            trainer.metrics.info(f"final model (step {source.name}): {out / 'final'}")
+
+
+def write_predictions(path: Path, logits: np.ndarray, task) -> None:
+    names = task.d.labels.names
+    gold = task.d.test.labels
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        if task.regression:
+            w.writerow(["index", "prediction"] + (["label"] if task.d.test_has_labels else []))
+            for i, row in enumerate(logits):
+                w.writerow([i, f"{row[0]:.6g}"] + ([f"{gold[i]:.6g}"] if task.d.test_has_labels else []))
+            return
+        z = np.exp(logits - logits.max(1, keepdims=True))
+        probs = z / z.sum(1, keepdims=True)
+        w.writerow(["index", "prediction"] + (["label"] if task.d.test_has_labels else [])
+                   + [f"prob_{n}" for n in names])
+        for i, p in enumerate(probs):
+            gold_col = [names[int(gold[i])]] if task.d.test_has_labels else []
+            w.writerow([i, names[int(p.argmax())]] + gold_col + [f"{x:.6f}" for x in p])

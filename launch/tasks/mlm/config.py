@@ -1,0 +1,105 @@
+"""The pretraining config: the shared sections (launch/core/config.py) plus the corpus (`data`)."""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from launch.core.config import (
+    CheckpointConfig,
+    DeepSpeedConfig,
+    EvalConfig,
+    LogConfig,
+    ModelConfig,
+    TrainConfig,
+    validate_common,
+    validate_deepspeed,
+    validate_model,
+    validate_train,
+)
+from launch.core.configlib import REQUIRED
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Paths or globs of .txt / .jsonl files (or `embedded:pydoc`, text that ships with Python)."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files, same formats; evaluated in full every eval.every steps."""
+    txt_documents: Literal["blank_line", "line"] = "blank_line"
+    """How .txt files split into documents: blank_line = a run of non-empty lines separated by one or
+    more blank lines (WikiText paragraphs, books); line = every non-empty line is a document."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl records."""
+    cache: str | None = None
+    """A token cache folder from `python -m launch.tools.prepare`; when set it is read instead of train_files."""
+    block_size: int = 128
+    """Tokens per packed block (sequence length)."""
+    mlm_probability: float = 0.15
+    """Fraction of (non-special) tokens selected for MLM; of those 80% -> [MASK], 10% random, 10% kept."""
+    whole_word_masking: bool = False
+    """Select whole words (all their ## pieces) instead of single tokens."""
+    num_workers: int = 2
+    """Dataloader worker processes per rank (0: read and tokenize in the training process)."""
+    last_block: Literal["pad", "drop"] = "pad"
+    """The one short block at the end of each stream's epoch: pad it (counted as pad tokens) or drop it."""
+    encoding_errors: Literal["strict", "replace"] = "strict"
+    """Non-UTF-8 bytes: strict = stop with the file and byte offset; replace = U+FFFD, counted in metrics."""
+    max_chunk_bytes: int = 1 << 20
+    """Longer lines are read and tokenized in pieces of at most this many bytes, cut at whitespace."""
+    audit: bool = False
+    """Record which document tokens every trained block held (output_dir/audit/), for exactly-once checks."""
+
+
+@dataclass
+class PretrainConfig:
+    output_dir: str = REQUIRED
+    """Where config.yaml, metrics.jsonl, checkpoints/ and final/ go."""
+    tokenizer: str = "bert-base-uncased"
+    """Tokenizer folder or tokenizer.json; bert-base-uncased resolves to an offline copy of its vocab."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model architecture or pretrained weights."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus, packing and masking."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Metrics, progress bar and wandb."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resume."""
+
+    def validate(self) -> list[str]:
+        p = validate_model(self.model)
+        p += validate_train(self.train)
+        p += validate_deepspeed(self.deepspeed)
+        d = self.data
+        if not (d.train_files or d.cache):
+            p.append("no training data: set data.train_files (paths or globs of .txt/.jsonl) or data.cache "
+                     "(a token cache from python -m launch.tools.prepare)")
+        for key in ("train_files", "eval_files"):
+            for pattern in getattr(d, key) or []:
+                if pattern and not pattern.startswith("embedded:") and not glob.glob(pattern):
+                    p.append(f"data.{key}: '{pattern}' matches no file (check the path; globs like "
+                             "'corpus/*.txt' are allowed)")
+        if d.cache and not Path(d.cache, "meta.json").is_file():
+            p.append(f"data.cache: '{d.cache}' is not a finished token cache (no meta.json); build it with "
+                     "python -m launch.tools.prepare --config <this config> --out <folder>")
+        if d.block_size is not None and not 8 <= d.block_size:
+            p.append(f"data.block_size must be at least 8, got {d.block_size}")
+        if self.model.preset and d.block_size and d.block_size > self.model.max_position_embeddings:
+            p.append(f"data.block_size={d.block_size} exceeds model.max_position_embeddings="
+                     f"{self.model.max_position_embeddings}: lower the block size or raise the positions")
+        if d.mlm_probability is not None and not 0.0 < d.mlm_probability < 1.0:
+            p.append(f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
+        if d.num_workers is not None and d.num_workers < 0:
+            p.append(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if d.max_chunk_bytes is not None and d.max_chunk_bytes < 1024:
+            p.append(f"data.max_chunk_bytes must be >= 1024, got {d.max_chunk_bytes}")
+        p += validate_common(self)
+        return p
