@@ -6,9 +6,15 @@ import sys
 import pytest
 
 from launch.core import configlib
-from launch.config import PretrainConfig, batch_arithmetic, load_pretrain
 from launch.core.engine import fill_ds_config, load_ds_json
+from launch.core.plan import batch_arithmetic, make_plan
+from launch.tasks.classify.config import FinetuneConfig
+from launch.tasks.mlm.config import PretrainConfig
 from tests.helpers import REPO, write_yaml
+
+
+def load_pretrain(path, overrides=None) -> PretrainConfig:
+    return configlib.load(PretrainConfig, path, overrides)
 
 
 def base(tmp_path, **extra):
@@ -103,14 +109,48 @@ def test_ds_json_auto_filled_and_conflicts_named():
 
 
 def test_shipped_configs_validate():
-    for name in ("tiny_debug.yaml", "demo.yaml"):
+    for name in ("tiny_debug.yaml", "demo.yaml", "pipeline_pretrain.yaml"):
         load_pretrain(str(REPO / "configs" / name))
 
 
 def test_validation_does_not_rely_on_assert(tmp_path):
-    """Under python -O asserts vanish; the same errors must still be raised."""
+    """Under python -O asserts vanish; the same errors must still be raised (both entry points' configs)."""
     path = base(tmp_path, train={"max_steps": 0, "lr": -1})
-    code = (f"from launch.config import load_pretrain\n"
-            f"try:\n    load_pretrain({str(path)!r})\nexcept Exception as e:\n    print(e)\n")
+    ft = write_yaml(tmp_path / "f.yaml", {"output_dir": "x", "model": {"pretrained": "minilm", "preset": "tiny"},
+                                          "task": {"train_file": "nope.tsv", "max_length": 2}})
+    code = ("from launch.core import configlib\n"
+            "from launch.tasks.mlm.config import PretrainConfig\n"
+            "from launch.tasks.classify.config import FinetuneConfig\n"
+            f"for cls, path in ((PretrainConfig, {str(path)!r}), (FinetuneConfig, {str(ft)!r})):\n"
+            "    try:\n        configlib.load(cls, path)\n    except Exception as e:\n        print(e)\n")
     out = subprocess.run([sys.executable, "-O", "-c", code], cwd=REPO, capture_output=True, text=True).stdout
     assert "train.max_steps must be >= 1, got 0" in out and "train.lr must be > 0, got -1.0" in out
+    assert "set exactly one of model.preset" in out and "task.train_file: 'nope.tsv' does not exist" in out
+    assert "task.max_length must be >= 8, got 2" in out
+
+
+def test_keys_that_nothing_reads_are_rejected(tmp_path):
+    """data.dataset & co. were documented but never read: they are unknown keys until they work."""
+    with pytest.raises(configlib.ConfigError) as e:
+        load_pretrain(str(base(tmp_path)), ["data.dataset=wikitext", "data.train_split=train"])
+    assert "unknown key 'data.dataset'" in str(e.value) and "unknown key 'data.train_split'" in str(e.value)
+
+
+def test_one_plan_for_the_run_and_the_dry_run(tmp_path):
+    """Steps, warmup, accumulation and the filled DeepSpeed JSON come from make_plan alone."""
+    cfg = load_pretrain(str(base(tmp_path)), ["train.max_steps=100", "train.warmup_ratio=0.06",
+                                              "train.micro_batch_size=4", "train.global_batch_size=32",
+                                              "deepspeed.config=ds_configs/zero3.json"])
+    p, problems = make_plan(cfg, 2, hidden_size=64)
+    assert problems == [] and (p.accum, p.global_batch, p.total_steps, p.warmup_steps) == (4, 32, 100, 6)
+    zero = p.ds_config["zero_optimization"]
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64) and zero["stage3_param_persistence_threshold"] == 640
+    assert p.ds_config["train_batch_size"] == 32 and p.steps_per_epoch is None
+    cfg.train.warmup_steps = 10  # explicit steps win over the ratio
+    assert make_plan(cfg, 2)[0].warmup_steps == 10
+    ft = FinetuneConfig(output_dir="x")
+    ft.train.micro_batch_size, ft.train.global_batch_size = 8, 16
+    p, _ = make_plan(ft, 2, examples=70, epochs=3.0)  # ceil(70 / 16) = 5 steps per epoch; 10% warmup
+    assert (p.steps_per_epoch, p.total_steps, p.warmup_steps, p.accum) == (5, 15, 1, 1)
+    ft.train.max_steps = 7
+    assert make_plan(ft, 2, examples=70, epochs=3.0)[0].total_steps == 7

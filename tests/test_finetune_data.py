@@ -11,20 +11,7 @@ from data.sources import DataError
 from data.tasks import infer_labels, read_rows, require_columns
 from data.tokenize import load_hf_tokenizer
 from launch.tasks.classify.scores import task_metrics
-from tests.helpers import MRPC
-
-
-def write_pairs(path, n=60, labels=("yes", "no"), seed=0, sep="\t", header=("a", "b", "label")):
-    rng = random.Random(seed)
-    words = "river stone house light music paper garden window cloud".split()
-    lines = [sep.join(header)]
-    for i in range(n):
-        a = " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))
-        b = " ".join(rng.choice(words) for _ in range(rng.randint(2, 30)))
-        lab = labels[i % len(labels)] if not callable(labels) else labels(i, rng)
-        lines.append(sep.join([a, b, str(lab)]))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.helpers import MRPC, write_pairs
 
 
 def test_tsv_is_read_without_quote_processing(tmp_path):

@@ -13,8 +13,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import REPO, env, last_step, losses, make_corpus, write_yaml
-from tests.test_finetune_data import write_pairs
+from tests.helpers import REPO, env, last_step, losses, make_corpus, write_pairs, write_yaml
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
