@@ -7,7 +7,7 @@ forward pass, its evaluation and what it writes at the end.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
@@ -18,6 +18,7 @@ Batch = dict[str, Any]  # tensors (input_ids int64[B, L], ...) plus "meta": host
 Counts = dict[str, float]  # real_tokens, slots, sequences, head_rows (+ task extras), summed over a step
 
 
+@runtime_checkable
 class Task(Protocol):
     total_steps: int
     """Optimizer steps of the whole run."""

@@ -81,11 +81,16 @@ class Heartbeat:
         desc = ", ".join(f"rank {r} (last step {beats[r][0]}, {now - beats[r][1]:.0f}s ago)" for r in culprits)
         return desc
 
+    def stalled_for(self) -> float | None:
+        """Seconds without progress when that exceeds the timeout (and the watchdog is not paused)."""
+        idle = time.time() - self.last
+        return idle if idle > self.timeout and not self.paused else None
+
     def _watch(self) -> None:
         while not self._stop.wait(self.poll):
             self._write()
-            idle = time.time() - self.last
-            if idle > self.timeout and not self.paused:
+            idle = self.stalled_for()
+            if idle is not None:
                 msg = (f"[rank {self.rank}] error: no progress for {idle:.0f}s (train.dist_timeout_s="
                        f"{self.timeout:g}) at step {self.step}; waiting on {self.diagnose()}: a rank hung or "
                        "died. Exiting so the launcher can stop the job; resume from the last checkpoint.")
