@@ -37,7 +37,8 @@ BASE = {
 }
 
 
-def build_config(tmp_path: Path, kind: str = "pretrain", overrides: dict | None = None, name: str | None = None) -> Path:
+def build_config(tmp_path: Path, kind: str = "pretrain", overrides: dict | None = None,
+                 name: str | None = None) -> Path:
     """A tiny-BERT run config (output_dir = tmp_path/out) with dotted-key overrides:
     build_config(tmp_path, "pretrain", {"data.train_files": [path], "train.max_steps": 6})."""
     import copy

@@ -144,7 +144,8 @@ def test_one_plan_for_the_run_and_the_dry_run(tmp_path):
     p, problems = make_plan(cfg, 2, hidden_size=64)
     assert problems == [] and (p.accum, p.global_batch, p.total_steps, p.warmup_steps) == (4, 32, 100, 6)
     zero = p.ds_config["zero_optimization"]
-    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64) and zero["stage3_param_persistence_threshold"] == 640
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert zero["stage3_param_persistence_threshold"] == 640
     assert p.ds_config["train_batch_size"] == 32 and p.steps_per_epoch is None
     cfg.train.warmup_steps = 10  # explicit steps win over the ratio
     assert make_plan(cfg, 2)[0].warmup_steps == 10

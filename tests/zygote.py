@@ -1,0 +1,102 @@
+"""A warm process that forks test runs, so each run skips the ~8 s import of torch, transformers and
+DeepSpeed (a 2-rank run: ~17 s -> ~8 s on 2 cores). Test-only; see tests/helpers.py `Job`.
+
+Protocol: one JSON request per line on stdin, {"entry", "argv", "envs" (one environment per rank), "logs"};
+the answer is one line with the pid of a job leader. The leader is the head of a new process group, forks
+one process per rank (each runs the entry's main(argv) with its environment, stdout/stderr in
+logs/<rank>.out|err), kills the others when one fails (as launchers do), writes logs/exit and exits with
+the job's code. A SIGKILL of the group is a kill of the whole job, dataloader workers included.
+
+Nothing here runs a torch operation before forking: no thread pool exists yet, so the forks are clean.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+
+def run_rank(entry: str, argv: list[str], env: dict, logs: str, rank: int) -> int:
+    os.environ.clear()
+    os.environ.update(env)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for fd, name in ((1, f"{rank}.out"), (2, f"{rank}.err")):
+        os.dup2(os.open(os.path.join(logs, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.argv = [f"launch/{entry}.py", *argv]
+    from launch.tasks.classify.run import main as finetune
+    from launch.tasks.mlm.run import main as pretrain
+
+    try:
+        return {"pretrain": pretrain, "finetune": finetune}[entry](argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def lead(req: dict) -> int:
+    """In the leader: one child per rank; the job's exit code is the first failing rank's."""
+    pids = []
+    for rank, env in enumerate(req["envs"]):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(run_rank(req["entry"], req["argv"], env, req["logs"], rank))
+        pids.append(pid)
+    codes: dict[int, int] = {}
+    while len(codes) < len(pids):
+        pid, status = os.wait()
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if codes[pid] != 0:
+            for other in pids:
+                if other not in codes:
+                    try:
+                        os.kill(other, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+    code = next((codes[p] for p in pids if codes[p] != 0), 0)
+    code = code if code >= 0 else 128 - code  # killed by a signal: like a shell reports it
+    with open(os.path.join(req["logs"], "exit.part"), "w") as f:
+        f.write(str(code))
+    os.replace(os.path.join(req["logs"], "exit.part"), os.path.join(req["logs"], "exit"))
+    return code
+
+
+def main() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import deepspeed  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import BertForMaskedLM, BertForSequenceClassification  # noqa: F401
+
+    import launch.cli.dryrun  # noqa: F401
+    import launch.core.session  # noqa: F401
+    import launch.tasks.classify.run  # noqa: F401
+    import launch.tasks.classify.task  # noqa: F401
+    import launch.tasks.mlm.run  # noqa: F401
+    import launch.tasks.mlm.task  # noqa: F401
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # leaders are reaped by the kernel
+    print("ready", flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.setpgid(0, 0)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os._exit(lead(req))
+        os.setpgid(pid, pid)  # also here: the group exists before the caller can signal it
+        print(json.dumps({"pid": pid}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
