@@ -10,16 +10,12 @@ from data.prepare import prepare
 from data.sources import DataError, file_sizes
 from data.stream import StreamState, TextStream, text_readers
 from data.tokenize import load_spec
-from tests.helpers import make_corpus, read_metrics, run, write_yaml
+from tests.helpers import make_corpus, read_metrics
 
 
 @pytest.fixture(scope="module")
-def spec():
-    return load_spec("bert-base-uncased")
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, spec):
+def cached(tmp_path_factory):
+    """Three uneven corpus files and their token cache (many small shards)."""
     d = tmp_path_factory.mktemp("cache")
     files = [str(make_corpus(d / f"f{i}.txt", n, seed=i)) for i, n in enumerate([120, 3, 260])]
     meta = prepare(files, "bert-base-uncased", str(d / "cache"), workers=2, shard_bytes=4096)
@@ -36,8 +32,8 @@ def blocks(readers, sizes, spec, state, n=None, block=32):
     return out, stream.state.to_dict()
 
 
-def test_cache_equals_streaming_token_for_token(corpus, spec):
-    files, cache, meta = corpus
+def test_cache_equals_streaming_token_for_token(cached, spec):
+    files, cache, meta = cached
     assert len(meta["shards"]) > 2 and meta["n_docs"] == 383
     text_tokens, _ = blocks(text_readers(files, "blank_line", "text", 1 << 20, "strict"), file_sizes(files),
                             spec, StreamState(0, 1))
@@ -57,8 +53,8 @@ def split_docs(seq, cls_id):
 
 
 @pytest.mark.parametrize("n", [2, 5])
-def test_cache_sharding_every_document_once(corpus, spec, n):
-    _, cache, _ = corpus
+def test_cache_sharding_every_document_once(cached, spec, n):
+    _, cache, _ = cached
     _, sizes = shard_names_and_sizes(cache)
     full, _ = blocks(cache_readers(cache), sizes, spec, StreamState(0, 1))
     expected = Counter(split_docs([t for b in full for t in b], spec.cls_id))
@@ -69,8 +65,8 @@ def test_cache_sharding_every_document_once(corpus, spec, n):
     assert got == expected
 
 
-def test_cache_resume_mid_piece_is_exact(corpus, spec):
-    _, cache, _ = corpus
+def test_cache_resume_mid_piece_is_exact(cached, spec):
+    _, cache, _ = cached
     _, sizes = shard_names_and_sizes(cache)
     everything, _ = blocks(cache_readers(cache), sizes, spec, StreamState(1, 2))
     for k in (1, 5, len(everything) // 2):
@@ -79,8 +75,8 @@ def test_cache_resume_mid_piece_is_exact(corpus, spec):
         assert rest == everything[k:]
 
 
-def test_cache_refuses_another_tokenizer(corpus, tmp_path):
-    _, cache, _ = corpus
+def test_cache_refuses_another_tokenizer(cached, tmp_path):
+    _, cache, _ = cached
     meta = read_meta(cache)
     meta["tokenizer"]["sha256"] = "0" * 64
     with pytest.raises(DataError, match="was built with another tokenizer"):
@@ -89,27 +85,24 @@ def test_cache_refuses_another_tokenizer(corpus, tmp_path):
         read_meta(str(tmp_path))
 
 
-@pytest.mark.slow
-def test_training_from_the_cache(corpus, tmp_path):
-    _, cache, _ = corpus
-    cfg = write_yaml(tmp_path / "c.yaml", {
-        "output_dir": str(tmp_path / "out"), "model": {"preset": "tiny"},
-        "data": {"cache": cache, "block_size": 32, "num_workers": 2},
-        "train": {"max_steps": 6, "micro_batch_size": 4, "precision": "fp32"},
-        "deepspeed": {"config": "ds_configs/zero0.json"}, "log": {"every": 2, "wandb": {"mode": "disabled"}}})
-    run("pretrain", 0, cfg, [])
+def test_training_from_the_cache(cached, tmp_path, tiny_config, inproc):
+    _, cache, _ = cached
+    cfg = tiny_config("pretrain", {"data.train_files": [], "data.cache": cache, "data.block_size": 32,
+                                   "data.num_workers": 2, "train.max_steps": 6, "train.micro_batch_size": 4,
+                                   "log.every": 2, "checkpoint.every": 0})
+    inproc("pretrain", cfg)
     rows = [r for r in read_metrics(tmp_path / "out") if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4, 6] and np.isfinite([r["loss"] for r in rows]).all()
     assert rows[-1]["tokens"] == 6 * 4 * 32  # full blocks only: the cache is long enough
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
-def test_runs_of_blocks_equal_one_by_one(corpus, spec):
+def test_runs_of_blocks_equal_one_by_one(cached, spec):
     """The cache fast path (a run of k blocks cut from one piece) gives the same tokens, mask keys and
     stream states, batch by batch, as cutting blocks one at a time."""
     from data.mlm import MLMDataset, MLMSettings, initial_states
 
-    _, cache, _ = corpus
+    _, cache, _ = cached
     _, sizes = shard_names_and_sizes(cache)
     s = MLMSettings(block_size=16, micro_batch_size=7, mlm_probability=0.15, whole_word_masking=False, seed=3)
 
@@ -146,3 +139,13 @@ def test_runs_of_blocks_equal_one_by_one(corpus, spec):
         for key in ("input_ids", "labels", "attention_mask", "mlm_rows", "mlm_targets"):
             assert a[key].equal(b[key]), key
         assert a["meta"]["state"] == b["meta"]["state"]
+
+
+def test_prepare_cli_builds_the_same_cache(cached, tmp_path, capsys):
+    from launch.tools import prepare as cli
+
+    files, cache, meta = cached
+    assert cli.main(["--files", *files, "--out", str(tmp_path / "c2"), "--workers", "1"]) == 0
+    assert f"token cache {tmp_path / 'c2'}: {meta['n_tokens']} tokens, {meta['n_docs']} documents" in \
+        capsys.readouterr().out
+    assert cli.main(["--out", str(tmp_path / "c3")]) == 2

@@ -8,13 +8,7 @@ from data.mlm import MLMSettings, collate_blocks
 from data.pack import Packer, PieceTokens
 from data.sources import file_sizes
 from data.stream import StreamState, TextStream, text_readers
-from data.tokenize import load_spec
 from tests.helpers import WIKI_VALID, make_corpus, needs_shared
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return load_spec("bert-base-uncased")
 
 
 def stream_blocks(files, spec, block, last_block="pad", n_streams=1, mode="blank_line"):

@@ -1,66 +1,89 @@
-"""Exact, atomic checkpoint/resume: SIGKILL at random steps, world-size changes, broken checkpoints."""
+"""Exact, atomic checkpoint/resume: SIGKILL at random steps (ZeRO 0-3, pretraining and fine-tuning),
+world-size changes, broken checkpoints, signals. Each test's straight run is also checked like a plain
+2-rank run (losses fall, every token counted, eval rows, trainer.json, final/)."""
 
 import json
-import os
 import random
 import shutil
 import signal
-import subprocess
 import time
 from collections import Counter
 
 import pytest
+import torch
 
 from data.sources import PieceReader, Segment, file_sizes
 from data.tokenize import load_spec
 from launch.core.checkpoint import list_checkpoints
 from tests.helpers import (
-    REPO,
+    WIKI_TEST,
     WIKI_VALID,
-    command,
+    Job,
     compare,
-    env,
     last_step,
     losses,
     make_corpus,
     needs_shared,
+    read_metrics,
     run,
     run_and_kill,
-    write_yaml,
 )
 
 pytestmark = pytest.mark.slow
 
 
-def config(tmp_path, train_files, stage=2, steps=16, every=4, workers=2, micro=8, glob=16, **extra):
-    data = {"output_dir": str(tmp_path / "unused"), "model": {"preset": "tiny"},
-            "data": {"train_files": [str(f) for f in train_files], "block_size": 64, "num_workers": workers},
-            "train": {"max_steps": steps, "micro_batch_size": micro, "global_batch_size": glob, "lr": 2e-3,
-                      "warmup_steps": 2, "precision": "fp32"},
-            "deepspeed": {"config": f"ds_configs/zero{stage}.json"},
-            "log": {"every": 1, "wandb": {"mode": "disabled"}}, "eval": {"every": 0},
-            "checkpoint": {"every": every, "keep_last": 3}}
-    for key, value in extra.items():
-        section, name = key.split("__")
-        data[section][name] = value
-    return write_yaml(tmp_path / f"zero{stage}.yaml", data)
+@pytest.fixture
+def resume_cfg(tiny_config):
+    """2 ranks x `workers` loader workers, 16 steps of 16 x 64 tokens, a checkpoint every 4 steps."""
+    def make(files, stage=2, overrides=None):
+        return tiny_config("pretrain", {"data.train_files": files, "data.num_workers": 2, "train.max_steps": 16,
+                                        "train.global_batch_size": 16,
+                                        "deepspeed.config": f"ds_configs/zero{stage}.json", **(overrides or {})},
+                           name=f"zero{stage}.yaml")
+    return make
+
+
+def kill_twice_and_resume(entry, cfg, out, rng, windows):
+    """SIGKILL the whole job at a random step in each window, then let it finish."""
+    for lo, hi in windows:
+        assert run_and_kill(entry, 2, cfg, [f"output_dir={out}"], out, rng.randint(lo, hi)) >= lo
+    return run(entry, 2, cfg, [f"output_dir={out}"])
 
 
 @needs_shared
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_sigkill_twice_resume_is_bit_identical(tmp_path, stage):
-    """2 CPU ranks, ZeRO stage N: SIGKILL the launcher's whole process group at two random steps."""
-    cfg = config(tmp_path, [WIKI_VALID], stage=stage)
-    run("pretrain", 2, cfg, [f"output_dir={tmp_path / 'straight'}"])
-    rng = random.Random(stage)
+def test_sigkill_twice_resume_is_bit_identical(tmp_path, resume_cfg, stage):
+    """2 CPU ranks, ZeRO stage N: SIGKILL the whole job at two random steps; losses and final weights
+    match the run that was never killed, bit for bit."""
+    cfg = resume_cfg([WIKI_VALID], stage, {"data.eval_files": [WIKI_TEST], "eval.every": 8, "eval.max_batches": 2})
+    straight = tmp_path / "straight"
+    extra = {}
+    if stage == 3:  # rank 0's final export outlasts train.dist_timeout_s: the other ranks must not be killed
+        extra = {"BERTLAUNCH_SLOW_EXPORT_S": 14}
+    run("pretrain", 2, cfg, [f"output_dir={straight}"] + (["train.dist_timeout_s=10"] if extra else []),
+               launcher="deepspeed" if stage == 2 else "fork", **extra)  # stage 2: through the real launcher
+    check_plain_pretraining_run(straight, stage)  # (stage 3: exit 0 although the export took 14 s > 10 s)
     out = tmp_path / "killed"
-    for kill_at in (rng.randint(5, 8), rng.randint(10, 13)):
-        reached = run_and_kill("pretrain", 2, cfg, [f"output_dir={out}"], out, kill_at)
-        assert reached >= kill_at
-    proc = run("pretrain", 2, cfg, [f"output_dir={out}"])
+    proc = kill_twice_and_resume("pretrain", cfg, out, random.Random(stage), [(5, 8), (10, 13)])
     assert "resumed from" in proc.stdout
-    assert compare(tmp_path / "straight", out) == []
+    assert compare(straight, out) == []
     assert len(losses(out)) == 16
+
+
+def check_plain_pretraining_run(out, stage):
+    records = read_metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert train[-1]["tokens"] == 16 * 16 * 64  # WikiText is long: every slot a real token
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [8, 16] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    trainer = json.loads((out / "checkpoints" / "step_00000016" / "trainer.json").read_text())
+    assert trainer["world_size"] == 2 and trainer["zero_stage"] == stage and len(trainer["streams"]) == 4
+    from transformers import AutoModelForMaskedLM
+
+    with torch.no_grad():
+        logits = AutoModelForMaskedLM.from_pretrained(out / "final")(torch.tensor([[101, 2000, 2001, 103, 102]])).logits
+    assert logits.shape == (1, 5, 30522)
 
 
 def doc_tokens(files, spec):
@@ -89,12 +112,12 @@ def audited_tokens(out):
     return seen
 
 
-def test_exactly_once_across_kills_and_world_size_changes(tmp_path):
+def test_exactly_once_across_kills_and_world_size_changes(tmp_path, resume_cfg):
     """2 ranks x 2 workers -> kill -> 1 rank x 1 worker -> kill -> 2 ranks x 2 workers, several epochs:
     every document of every finished epoch is trained exactly once, token for token."""
     files = [str(make_corpus(tmp_path / f"c{i}.txt", n, seed=i)) for i, n in enumerate([40, 5, 70])]
-    cfg = config(tmp_path, files, stage=2, steps=60, every=5, micro=4, glob=8,
-                 data__audit=True, data__block_size=32)
+    cfg = resume_cfg(files, 2, {"train.max_steps": 60, "checkpoint.every": 5, "train.micro_batch_size": 4,
+                                "train.global_batch_size": 8, "data.audit": True, "data.block_size": 32})
     out = tmp_path / "run"
     o = [f"output_dir={out}"]
     run_and_kill("pretrain", 2, cfg, o, out, 13)
@@ -113,9 +136,8 @@ def test_exactly_once_across_kills_and_world_size_changes(tmp_path):
         assert n <= truth[doc]
 
 
-def test_killed_during_save_and_corrupt_checkpoint_fall_back(tmp_path):
-    corpus = make_corpus(tmp_path / "c.txt", 300)
-    cfg = config(tmp_path, [corpus], stage=1, steps=12, every=4, workers=1)
+def test_killed_during_save_and_corrupt_checkpoint_fall_back(tmp_path, resume_cfg, corpus):
+    cfg = resume_cfg([corpus(300)], 1, {"train.max_steps": 12, "data.num_workers": 1})
     out = tmp_path / "run"
     run("pretrain", 0, cfg, [f"output_dir={out}"], check=False, BERTLAUNCH_KILL_IN_SAVE_AT=8)
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [4]
@@ -137,13 +159,10 @@ def test_killed_during_save_and_corrupt_checkpoint_fall_back(tmp_path):
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [4, 8, 12]  # keep_last=3
 
 
-def test_config_change_is_refused_by_key(tmp_path):
-    corpus = make_corpus(tmp_path / "c.txt", 200)
-    cfg = config(tmp_path, [corpus], stage=0, steps=4, every=2, workers=1)
-    out = tmp_path / "run"
-    run("pretrain", 0, cfg, [f"output_dir={out}"])
-    proc = run("pretrain", 0, cfg, [f"output_dir={out}", "train.max_steps=6", "train.lr=0.005",
-                                    "data.block_size=32"], check=False)
+def test_config_change_is_refused_by_key(tmp_path, resume_cfg, corpus, inproc):
+    cfg = resume_cfg([corpus(200)], 0, {"train.max_steps": 4, "checkpoint.every": 2, "data.num_workers": 1})
+    inproc("pretrain", cfg)
+    proc = inproc("pretrain", cfg, ["train.max_steps=6", "train.lr=0.005", "data.block_size=32"], check=False)
     assert proc.returncode == 2
     assert "cannot resume exactly" in proc.stderr
     assert "train.lr: checkpoint has 0.002, config has 0.005" in proc.stderr
@@ -151,36 +170,31 @@ def test_config_change_is_refused_by_key(tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [0, 2])
-def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, ranks):
-    corpus = make_corpus(tmp_path / "c.txt", 400)
-    cfg = config(tmp_path, [corpus], stage=2, steps=400, every=0, workers=1)
+def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, resume_cfg, corpus, ranks):
+    cfg = resume_cfg([corpus(400)], 2, {"train.max_steps": 400, "checkpoint.every": 0, "data.num_workers": 1})
     out = tmp_path / "run"
-    proc = subprocess.Popen(command("pretrain", ranks, cfg, [f"output_dir={out}"]), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    job = Job("pretrain", ranks, cfg, [f"output_dir={out}"])
     while last_step(out / "metrics.jsonl") < 3:
-        assert proc.poll() is None, proc.stdout.read()
+        assert job.poll() is None, job.output()[-3000:]
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGTERM)  # like a scheduler: every process (launcher, ranks, loader workers)
-    text = proc.communicate(timeout=120)[0]
+    job.kill(signal.SIGTERM)  # like a scheduler: every process (launcher, ranks, loader workers)
+    code = job.wait(120)
     ckpts = list_checkpoints(out / "checkpoints")
     assert len(ckpts) == 1 and 3 <= ckpts[0][0] < 400
-    assert f"checkpoint saved at step {ckpts[0][0]}" in text
-    if ranks == 0:
-        assert proc.returncode == 75
+    assert f"checkpoint saved at step {ckpts[0][0]}" in job.stdout
+    assert code == 75
     assert last_step(out / "metrics.jsonl") == ckpts[0][0]
 
 
-def test_export_cli_and_check_resume_cli(tmp_path):
-    corpus = make_corpus(tmp_path / "c.txt", 200)
-    cfg = config(tmp_path, [corpus], stage=0, steps=6, every=3, workers=1)
-    proc = subprocess.run(["python", "-m", "launch.check_resume", "--config", str(cfg), "--steps", "6",
-                           "--workdir", str(tmp_path / "cr")], cwd=REPO, env=env(), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "exact: 6 per-step losses and all final weights are bit-identical" in proc.stdout
+def test_export_cli_and_check_resume_cli(tmp_path, resume_cfg, corpus, capsys):
+    """check_resume runs the entry script itself (python launch/pretrain.py) straight, killed and resumed."""
+    from launch.tools import check_resume, export
+
+    cfg = resume_cfg([corpus(200)], 0, {"data.num_workers": 1})
+    assert check_resume.main(["--config", str(cfg), "--steps", "6", "--workdir", str(tmp_path / "cr")]) == 0
+    assert "exact: 6 per-step losses and all final weights are bit-identical" in capsys.readouterr().out
     ckpt = list_checkpoints(tmp_path / "cr" / "resumed" / "checkpoints")[0][1]
-    proc = subprocess.run(["python", "-m", "launch.export", str(ckpt), str(tmp_path / "hf")], cwd=REPO, env=env(),
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert export.main([str(ckpt), str(tmp_path / "hf")]) == 0
     from transformers import AutoModelForMaskedLM
 
     assert AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").config.num_hidden_layers == 2
@@ -188,22 +202,20 @@ def test_export_cli_and_check_resume_cli(tmp_path):
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_finetune_sigkill_resume_is_bit_identical(tmp_path, stage):
-    from tests.test_finetune_data import write_pairs
-
-    files = [write_pairs(tmp_path / f"{n}.tsv", n=k, seed=i) for i, (n, k) in enumerate([("train", 100), ("dev", 20)])]
-    cfg = write_yaml(tmp_path / "ft.yaml", {
-        "output_dir": str(tmp_path / "unused"), "tokenizer": "bert-base-uncased", "model": {"preset": "tiny"},
-        "task": {"train_file": str(files[0]), "eval_file": str(files[1]), "text_a": "a", "text_b": "b",
-                 "label": "label"},
-        "train": {"epochs": 2, "micro_batch_size": 4, "global_batch_size": 16, "lr": 1e-3, "precision": "fp32"},
-        "deepspeed": {"config": f"ds_configs/zero{stage}.json"}, "eval": {"save_best": False},
-        "log": {"every": 1, "wandb": {"mode": "disabled"}}, "checkpoint": {"every": 3, "keep_last": 2}})
-    run("finetune", 2, cfg, [f"output_dir={tmp_path / 'straight'}"])
+def test_finetune_sigkill_resume_is_bit_identical(tmp_path, tiny_config, pairs, stage):
+    files = [pairs(f"{n}.tsv", k, seed=i) for i, (n, k) in enumerate([("train", 100), ("dev", 20)])]
+    cfg = tiny_config("finetune", {"task.train_file": files[0], "task.eval_file": files[1], "train.epochs": 2,
+                                   "train.micro_batch_size": 4, "train.global_batch_size": 16,
+                                   "deepspeed.config": f"ds_configs/zero{stage}.json", "eval.save_best": False,
+                                   "checkpoint.every": 3, "checkpoint.keep_last": 2})
+    straight = tmp_path / "straight"
+    run("finetune", 2, cfg, [f"output_dir={straight}"])
+    train = [r for r in read_metrics(straight) if "loss" in r]
+    assert train[-1]["samples"] == 2 * 100  # two epochs, every example once per epoch, short last batch kept
+    assert [r["step"] for r in read_metrics(straight) if "eval_loss" in r] == [7, 14]  # ceil(100 / 16) = 7
     out = tmp_path / "killed"
-    rng = random.Random(10 + stage)
-    for kill_at in (rng.randint(4, 6), rng.randint(8, 11)):  # 7 steps per epoch: the second kill is in epoch 2
-        run_and_kill("finetune", 2, cfg, [f"output_dir={out}"], out, kill_at)
-    assert "resumed from" in run("finetune", 2, cfg, [f"output_dir={out}"]).stdout
-    assert compare(tmp_path / "straight", out) == []
+    # 7 steps per epoch: the second kill is in epoch 2
+    proc = kill_twice_and_resume("finetune", cfg, out, random.Random(10 + stage), [(4, 6), (8, 11)])
+    assert "resumed from" in proc.stdout
+    assert compare(straight, out) == []
     assert len(losses(out)) == 14

@@ -10,13 +10,7 @@ import torch
 from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
 from data.sources import PieceReader, Segment, file_sizes, partition
 from data.stream import StreamState, TextStream, replan, text_readers
-from data.tokenize import load_spec
 from tests.helpers import make_corpus
-
-
-@pytest.fixture(scope="module")
-def spec():
-    return load_spec("bert-base-uncased")
 
 
 def reference_docs(path, mode):

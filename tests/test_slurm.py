@@ -13,7 +13,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import REPO, env, last_step, losses, make_corpus, write_pairs, write_yaml
+from tests.helpers import REPO, env, last_step, losses, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -71,22 +71,13 @@ def log_of(tmp_path, job) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def pretrain_config(tmp_path):
-    corpus = make_corpus(tmp_path / "c.txt", 600)
-    return write_yaml(tmp_path / "p.yaml", {
-        "output_dir": str(tmp_path / "unused"), "model": {"preset": "tiny"},
-        "data": {"train_files": [str(corpus)], "block_size": 64, "num_workers": 1},
-        "train": {"max_steps": 40, "micro_batch_size": 8, "lr": 2e-3, "precision": "fp32"},
-        "deepspeed": {"config": "ds_configs/zero2.json"}, "log": {"every": 1, "wandb": {"mode": "offline"}},
-        "checkpoint": {"every": 5, "keep_last": 2}})
-
-
-def test_two_task_pretraining_job_preempted_requeues_and_matches(tmp_path):
-    cfg = pretrain_config(tmp_path)
+def test_two_task_pretraining_job_preempted_requeues_and_matches(tmp_path, tiny_config, corpus):
+    """The reference is the same config run as 2 ranks outside SLURM: srun's ranks must train identically."""
+    cfg = tiny_config("pretrain", {"data.train_files": [corpus(600)], "train.max_steps": 40, "train.warmup_steps": 0,
+                                   "deepspeed.config": "ds_configs/zero2.json", "log.wandb.mode": "offline",
+                                   "checkpoint.every": 5, "checkpoint.keep_last": 2})
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    job = sbatch("pretrain.sbatch", [str(cfg), f"output_dir={straight}"], ["--ntasks-per-node=2"], tmp_path)
-    info = wait_done(job)
-    assert info["JobState"] == "COMPLETED", log_of(tmp_path, job)
+    run("pretrain", 2, cfg, [f"output_dir={straight}", "log.wandb.mode=disabled"])
 
     job = sbatch("pretrain.sbatch", [str(cfg), f"output_dir={preempted}"], ["--ntasks-per-node=2"], tmp_path)
     wait_done(job, until=lambda i: last_step(preempted / "metrics.jsonl") >= 12)
@@ -103,14 +94,10 @@ def test_two_task_pretraining_job_preempted_requeues_and_matches(tmp_path):
     assert len(runs) == 1
 
 
-def test_job_array_of_two_finetunes(tmp_path):
-    files = [write_pairs(tmp_path / f"{n}.tsv", n=k, seed=i) for i, (n, k) in enumerate([("train", 40), ("dev", 12)])]
-    cfg = write_yaml(tmp_path / "ft.yaml", {
-        "output_dir": str(tmp_path / "unused"), "tokenizer": "bert-base-uncased", "model": {"preset": "tiny"},
-        "task": {"train_file": str(files[0]), "eval_file": str(files[1]), "text_a": "a", "text_b": "b",
-                 "label": "label"},
-        "train": {"epochs": 1, "micro_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
-        "deepspeed": {"config": "ds_configs/zero0.json"}, "log": {"every": 1, "wandb": {"mode": "disabled"}}})
+def test_job_array_of_two_finetunes(tmp_path, tiny_config, pairs):
+    files = [pairs(f"{n}.tsv", k, seed=i) for i, (n, k) in enumerate([("train", 40), ("dev", 12)])]
+    cfg = tiny_config("finetune", {"task.train_file": files[0], "task.eval_file": files[1], "train.epochs": 1},
+                      name="ft.yaml")
     opts = ["--array=0-1", f"--output={tmp_path}/slurm-%A_%a.out"]
     cmd = ["sbatch", "--parsable", f"--chdir={tmp_path}", *CPU_ONLY, *opts,
            str(REPO / "slurm" / "finetune_array.sbatch"), str(cfg)]

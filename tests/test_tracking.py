@@ -7,26 +7,22 @@ import warnings
 import pytest
 
 from launch.core.metrics import truncate_after
-from launch.core.tracking import Tracker
-from tests.helpers import REPO, make_corpus, run, run_and_kill, wandb_history, write_yaml
+from launch.core.tracking import Tracker, auto_mode
+from tests.helpers import run, run_and_kill, wandb_history
 
 SECRET_ENV = "s3cr3t-env-value-0123456789"
 SECRET_CFG = "hf_AbCdEfGhIjKlMnOpQrStUv12"
 
 
 @pytest.mark.slow
-def test_offline_wandb_survives_kill_and_resume_as_one_run_without_secrets(tmp_path):
-    corpus = make_corpus(tmp_path / "c.txt", 300)
-    cfg = write_yaml(tmp_path / "w.yaml", {
-        "output_dir": str(tmp_path / "out"), "model": {"preset": "tiny"},
-        "data": {"train_files": [str(corpus)], "block_size": 64, "num_workers": 1},
-        "train": {"max_steps": 12, "micro_batch_size": 8, "lr": 2e-3, "precision": "fp32"},
-        "deepspeed": {"config": "ds_configs/zero0.json"}, "eval": {"every": 6, "max_batches": 2},
-        "log": {"every": 2, "wandb": {"mode": "offline", "project": "t", "name": SECRET_CFG, "tags": ["x"]}},
-        "checkpoint": {"every": 4}})
+def test_offline_wandb_survives_kill_and_resume_as_one_run_without_secrets(tmp_path, tiny_config, corpus):
+    train = corpus(300)
+    cfg = tiny_config("pretrain", {"data.train_files": [train], "eval.every": 6, "eval.max_batches": 2,
+                                   "log.every": 2, "log.wandb": {"mode": "offline", "project": "t", "name": SECRET_CFG,
+                                                                 "tags": ["x"]}})
     out = tmp_path / "out"
     secret_env = {"MY_SERVICE_TOKEN": SECRET_ENV}
-    overrides = ["data.eval_files=[" + str(corpus) + "]"]
+    overrides = ["data.eval_files=[" + str(train) + "]"]
     run_and_kill("pretrain", 0, cfg, overrides, out, 7, **secret_env)
     proc = run("pretrain", 0, cfg, overrides, **secret_env)
     # plain progress lines (stdout is not a terminal here)
@@ -83,8 +79,7 @@ def test_report_writes_plots_and_summary(tmp_path):
         lines += [{"step": 25, "eval_loss": 6.0 * scale, "perplexity": 400.0}, {"step": 50, "eval_loss": 5.0 * scale,
                                                                                  "perplexity": 148.4}]
         (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    proc = run_report(tmp_path / "run_a", tmp_path / "run_b", out=tmp_path / "rep")
-    assert proc.returncode == 0, proc.stderr
+    assert run_report(tmp_path / "run_a", tmp_path / "run_b", out=tmp_path / "rep") == 0
     for png in ("loss.png", "eval.png", "lr.png", "throughput.png", "mfu.png"):
         data = (tmp_path / "rep" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
@@ -94,11 +89,9 @@ def test_report_writes_plots_and_summary(tmp_path):
 
 
 def run_report(*runs, out):
-    import subprocess
-    import sys
+    from launch.tools import report
 
-    return subprocess.run([sys.executable, "-m", "launch.report", *map(str, runs), "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True)
+    return report.main([*map(str, runs), "--out", str(out)])
 
 
 def test_resume_replays_rows_wandb_lost_and_skips_rows_it_has(tmp_path):
@@ -136,3 +129,22 @@ def test_resume_replays_rows_wandb_lost_and_skips_rows_it_has(tmp_path):
         t.log({"step": s, "loss": 0.0})
     assert t.run.logged == [3, 4, 5, 6, 7], sorted(str(p) for p in out.rglob("*"))
     assert [step for _, step, _ in read_history(run_dir)] == [1, 2]
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({"WANDB_MODE": "disabled"}, "disabled"), ({"WANDB_DISABLED": "true"}, "disabled"),
+    ({"WANDB_DISABLED": "true", "WANDB_MODE": "online"}, "disabled"), ({"WANDB_MODE": "offline"}, "offline"),
+    ({"WANDB_MODE": "dryrun"}, "offline"), ({"WANDB_API_KEY": "k" * 40}, "online"), ({}, "offline")])
+def test_wandb_auto_honours_the_ecosystem_switches(monkeypatch, tmp_path, env, expected):
+    for key in ("WANDB_MODE", "WANDB_DISABLED", "WANDB_API_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert auto_mode()[0] == expected
+
+
+def test_auto_disabled_by_the_environment_writes_no_wandb_folder(tmp_path, tiny_config, corpus, inproc):
+    cfg = tiny_config("pretrain", {"data.train_files": [corpus(100)], "train.max_steps": 2, "log.wandb.mode": "auto"})
+    proc = inproc("pretrain", cfg, WANDB_DISABLED="true")
+    assert not (tmp_path / "out" / "wandb").exists() and "wandb" not in proc.stdout

@@ -22,6 +22,8 @@ def run_rank(entry: str, argv: list[str], env: dict, logs: str, rank: int) -> in
     os.environ.clear()
     os.environ.update(env)
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # the leader ignores them (a launcher); a rank must not
+        signal.signal(sig, signal.SIG_DFL)
     for fd, name in ((1, f"{rank}.out"), (2, f"{rank}.err")):
         os.dup2(os.open(os.path.join(logs, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -45,7 +47,10 @@ def run_rank(entry: str, argv: list[str], env: dict, logs: str, rank: int) -> in
 
 
 def lead(req: dict) -> int:
-    """In the leader: one child per rank; the job's exit code is the first failing rank's."""
+    """In the leader: one child per rank; the job's exit code is the first failing rank's. Like a launcher,
+    the leader outlives a SIGTERM / SIGUSR1 sent to the whole group: the ranks checkpoint and exit."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     pids = []
     for rank, env in enumerate(req["envs"]):
         pid = os.fork()

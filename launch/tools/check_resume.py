@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def launch_command(entry: str, ranks: int, config, overrides: list[str], port: int | None = None) -> list[str]:

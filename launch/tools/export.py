@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +65,8 @@ def _bf16_optimizer_masters(tag_dir: Path, state: dict):
 
 def export(ckpt: str | Path, out: str | Path, *, verify_manifest: bool = True) -> Path:
     ckpt, out = Path(ckpt), Path(out)
+    if os.environ.get("BERTLAUNCH_SLOW_EXPORT_S"):  # fault injection for the tests: a long export (BERT-large)
+        time.sleep(float(os.environ["BERTLAUNCH_SLOW_EXPORT_S"]))
     if verify_manifest:
         reason = verify(ckpt)
         if reason:
