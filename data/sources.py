@@ -190,7 +190,7 @@ class PieceReader:
             else:
                 yield from self._block_docs(f, seg)
 
-    def _text_of(self, raw: bytes, pos: int, line_no_hint: int | None = None) -> str:
+    def _text_of(self, raw: bytes, pos: int) -> str:
         text = self._decode(raw, pos)
         if not self.jsonl:
             return text.strip("\r\n")
