@@ -3,7 +3,7 @@
   hf_plain     the reference's "what a user gets today": BertForMaskedLM (SDPA), autocast bf16,
                fused AdamW, dense MLM head, plain torch loop, random tokens, batch 256
   hf_trainer   the same model through transformers' Trainer (bf16, adamw_torch_fused)
-  ours_zeroN   our real training path (launch.pretrain_main.run: streaming data workers, packing,
+  ours_zeroN   our real training path (launch.tasks.mlm.run: streaming data workers, packing,
                masking, DeepSpeed engine ZeRO-N, bf16, sparse MLM head, torch.compile)
 
     python bench/gpu_pretrain.py --out DIR [--tokenizer DIR] [--tiny]   (--tiny: a CPU smoke test)

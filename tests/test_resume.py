@@ -60,8 +60,7 @@ def test_sigkill_twice_resume_is_bit_identical(tmp_path, resume_cfg, stage):
     extra = {}
     if stage == 3:  # rank 0's final export outlasts train.dist_timeout_s: the other ranks must not be killed
         extra = {"BERTLAUNCH_SLOW_EXPORT_S": 14}
-    run("pretrain", 2, cfg, [f"output_dir={straight}"] + (["train.dist_timeout_s=10"] if extra else []),
-               launcher="deepspeed" if stage == 2 else "fork", **extra)  # stage 2: through the real launcher
+    run("pretrain", 2, cfg, [f"output_dir={straight}"] + (["train.dist_timeout_s=10"] if extra else []), **extra)
     check_plain_pretraining_run(straight, stage)  # (stage 3: exit 0 although the export took 14 s > 10 s)
     out = tmp_path / "killed"
     proc = kill_twice_and_resume("pretrain", cfg, out, random.Random(stage), [(5, 8), (10, 13)])
@@ -173,7 +172,8 @@ def test_config_change_is_refused_by_key(tmp_path, resume_cfg, corpus, inproc):
 def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, resume_cfg, corpus, ranks):
     cfg = resume_cfg([corpus(400)], 2, {"train.max_steps": 400, "checkpoint.every": 0, "data.num_workers": 1})
     out = tmp_path / "run"
-    job = Job("pretrain", ranks, cfg, [f"output_dir={out}"])
+    # 2 ranks: each its own `python launch/pretrain.py` with torchrun's variables (the entry script itself)
+    job = Job("pretrain", ranks, cfg, [f"output_dir={out}"], launcher="exec" if ranks else "fork")
     while last_step(out / "metrics.jsonl") < 3:
         assert job.poll() is None, job.output()[-3000:]
         time.sleep(0.05)

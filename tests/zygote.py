@@ -4,7 +4,7 @@ DeepSpeed (a 2-rank run: ~17 s -> ~8 s on 2 cores). Test-only; see tests/helpers
 Protocol: one JSON request per line on stdin, {"entry", "argv", "envs" (one environment per rank), "logs"};
 the answer is one line with the pid of a job leader. The leader is the head of a new process group, forks
 one process per rank (each runs the entry's main(argv) with its environment, stdout/stderr in
-logs/<rank>.out|err), kills the others when one fails (as launchers do), writes logs/exit and exits with
+logs/<rank>.out|err), kills the others a few seconds after one fails (as launchers do), writes logs/exit and exits with
 the job's code. A SIGKILL of the group is a kill of the whole job, dataloader workers included.
 
 Nothing here runs a torch operation before forking: no thread pool exists yet, so the forks are clean.
@@ -16,6 +16,9 @@ import json
 import os
 import signal
 import sys
+import time
+
+GRACE_S = 5.0
 
 
 def run_rank(entry: str, argv: list[str], env: dict, logs: str, rank: int) -> int:
@@ -58,16 +61,21 @@ def lead(req: dict) -> int:
             os._exit(run_rank(req["entry"], req["argv"], env, req["logs"], rank))
         pids.append(pid)
     codes: dict[int, int] = {}
+    deadline = None  # after the first failure: the others get GRACE_S to report (their own watchdog), then die
     while len(codes) < len(pids):
-        pid, status = os.wait()
-        codes[pid] = os.waitstatus_to_exitcode(status)
-        if codes[pid] != 0:
-            for other in pids:
-                if other not in codes:
-                    try:
-                        os.kill(other, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid:
+            codes[pid] = os.waitstatus_to_exitcode(status)
+            if codes[pid] != 0 and deadline is None:
+                deadline = time.time() + GRACE_S
+            continue
+        if deadline is not None and time.time() > deadline:
+            for other in set(pids) - set(codes):
+                try:
+                    os.kill(other, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.02)
     code = next((codes[p] for p in pids if codes[p] != 0), 0)
     code = code if code >= 0 else 128 - code  # killed by a signal: like a shell reports it
     with open(os.path.join(req["logs"], "exit.part"), "w") as f:

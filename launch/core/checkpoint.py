@@ -9,6 +9,10 @@ Layout of output_dir/checkpoints/step_00000100/ (written as .tmp-step_00000100/,
 
 A checkpoint counts only once manifest.json is present and verifies. Older checkpoints are deleted only
 after a newer one is committed. Saves that fail (disk full, I/O error) leave the previous one intact.
+
+This module is the whole unit: the file primitives and RNG state (top), which config keys a resume may
+change (`exact_keys`), and `Checkpointer`, the collective save / choose / restore that all ranks call
+together (bottom).
 """
 
 from __future__ import annotations

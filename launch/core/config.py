@@ -82,7 +82,8 @@ class TrainConfig:
     max_bad_steps: int = 20
     """Stop anyway after this many consecutive non-finite steps."""
     dist_timeout_s: int = 600
-    """Seconds a collective may wait before ranks give up (a dead or hung rank)."""
+    """Seconds without progress before the ranks give up on a dead or hung rank: the watchdog names it and
+    exits with code 4 (collectives themselves time out 30 s later, as a backstop)."""
 
 
 @dataclass

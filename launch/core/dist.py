@@ -118,8 +118,13 @@ def prepare_env(info: DistInfo) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+COLLECTIVE_MARGIN_S = 30
+
+
 def init(timeout_s: int = 600) -> DistInfo:
-    """Detect, export, and start the process group through DeepSpeed (nccl on GPUs, gloo on the CPU)."""
+    """Detect, export, and start the process group through DeepSpeed (nccl on GPUs, gloo on the CPU).
+    Collectives time out COLLECTIVE_MARGIN_S after `timeout_s`: the watchdog (launch/core/watchdog.py),
+    which names the rank that hung, always speaks first; the collective timeout is only the backstop."""
     info = detect()
     prepare_env(info)
     import deepspeed
@@ -139,7 +144,7 @@ def init(timeout_s: int = 600) -> DistInfo:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if has_cuda() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                               timeout=timedelta(seconds=timeout_s), verbose=False)
+                               timeout=timedelta(seconds=timeout_s + COLLECTIVE_MARGIN_S), verbose=False)
     return info
 
 

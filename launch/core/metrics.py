@@ -1,4 +1,4 @@
-"""Metrics on rank 0: metrics.jsonl (always), console / progress bar, wandb (launch/tracking.py).
+"""Metrics on rank 0: metrics.jsonl (always), console / progress bar, wandb (launch/core/tracking.py).
 
 FLOPs model for MFU (per token, training = 3 x forward: backward costs twice the forward):
   per layer   8 H^2 (Q, K, V, output projections) + 4 H I (feed-forward) + 4 S H (QK^T and AV)

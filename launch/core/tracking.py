@@ -6,7 +6,7 @@
 - The run id is stored in every checkpoint; a resumed (or SLURM-requeued) run continues the same wandb
   run (resume="allow"). Steps the killed attempt had already logged are not logged again: an exact
   resume reproduces them bit for bit, so the values already in wandb are the right ones.
-- The config is logged with secret-looking keys and values removed (launch/run.py: redact).
+- The config is logged with secret-looking keys and values removed (launch/core/secrets.py: redact).
 """
 
 from __future__ import annotations
