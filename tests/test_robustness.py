@@ -143,6 +143,11 @@ def test_dry_run_prints_the_plan_and_a_batch(tmp_path, pretrain_cfg, tiny_config
     assert not (tmp_path / "out").exists()
     proc = inproc("pretrain", cfg, ["--dry-run", "train.global_batch_size=6"], check=False)
     assert proc.returncode == 2 and "use 4 or 8" in proc.stderr
+    # a tokenizer that cannot load does not hide the plan's problems: every one is listed
+    proc = inproc("pretrain", cfg, ["--dry-run", "train.global_batch_size=6", f"tokenizer={tmp_path / 'nope'}"],
+                  check=False)
+    assert proc.returncode == 2 and "2 problem(s)" in proc.stderr and "use 4 or 8" in proc.stderr
+    assert f"tokenizer '{tmp_path / 'nope'}' is not a folder" in proc.stderr
     ft = tiny_config("finetune", {"model.preset": None, "model.pretrained": "minilm", "tokenizer": None,
                                   "task.text_a": "sentence1", "task.text_b": "sentence2",
                                   "task.train_file": BAD / "pairs_train.tsv"})

@@ -63,8 +63,11 @@ def dry_run_pretrain(cfg) -> int:
         spec, tok = load_spec(cfg.tokenizer), load_hf_tokenizer(cfg.tokenizer)
         model_cfg, params = _model_meta(cfg, spec, problems)
     except (OSError, ValueError) as e:
-        return _finish(problems + [str(e)])
-    info, p = _show_plan(cfg, workers, problems, hidden_size=model_cfg.hidden_size)
+        problems.append(str(e))
+        model_cfg = None
+    info, p = _show_plan(cfg, workers, problems, hidden_size=getattr(model_cfg, "hidden_size", None))
+    if model_cfg is None:  # no tokenizer or model: nothing more to show, but the plan's problems are listed
+        return _finish(problems)
     print(f"model         {cfg.model.preset or cfg.model.pretrained}: {params / 1e6:.1f}M parameters, vocab "
           f"{model_cfg.vocab_size} (tokenizer {spec.vocab_size})")
     print("memory/device " + memory_table(params, model_cfg.hidden_size, model_cfg.num_hidden_layers,
