@@ -193,7 +193,8 @@ def validate_deepspeed(ds: DeepSpeedConfig) -> list[str]:
 
 
 def validate_common(cfg) -> list[str]:
-    p = []
+    """The checks of every shared section (model, train, deepspeed, log, eval, checkpoint) of a task config."""
+    p = validate_model(cfg.model) + validate_train(cfg.train) + validate_deepspeed(cfg.deepspeed)
     if cfg.log.every is not None and cfg.log.every < 1:
         p.append(f"log.every must be >= 1, got {cfg.log.every}")
     if cfg.eval.every is not None and cfg.eval.every < 0:

@@ -14,9 +14,6 @@ from launch.core.config import (
     ModelConfig,
     TrainConfig,
     validate_common,
-    validate_deepspeed,
-    validate_model,
-    validate_train,
 )
 from launch.core.configlib import REQUIRED
 
@@ -115,7 +112,7 @@ class FinetuneConfig:
     """Checkpoints and resume."""
 
     def validate(self) -> list[str]:
-        p = validate_model(self.model) + validate_train(self.train) + validate_deepspeed(self.deepspeed)
+        p = validate_common(self)
         t = self.task
         if self.model.preset and not self.tokenizer:
             p.append("model.preset needs an explicit tokenizer (e.g. tokenizer=bert-base-uncased)")
@@ -132,5 +129,5 @@ class FinetuneConfig:
         metrics = ("accuracy", "f1", "macro_f1", "pearson", "spearman", "eval_loss", "mse")
         if self.eval.metric is not None and self.eval.metric not in metrics:
             p.append(f"eval.metric '{self.eval.metric}' is not one of: {', '.join(metrics)}")
-        return p + validate_common(self)
+        return p
 

@@ -15,9 +15,6 @@ from launch.core.config import (
     ModelConfig,
     TrainConfig,
     validate_common,
-    validate_deepspeed,
-    validate_model,
-    validate_train,
 )
 from launch.core.configlib import REQUIRED
 
@@ -75,9 +72,7 @@ class PretrainConfig:
     """Checkpoints and resume."""
 
     def validate(self) -> list[str]:
-        p = validate_model(self.model)
-        p += validate_train(self.train)
-        p += validate_deepspeed(self.deepspeed)
+        p = validate_common(self)
         d = self.data
         if not (d.train_files or d.cache):
             p.append("no training data: set data.train_files (paths or globs of .txt/.jsonl) or data.cache "
@@ -101,5 +96,4 @@ class PretrainConfig:
             p.append(f"data.num_workers must be >= 0, got {d.num_workers}")
         if d.max_chunk_bytes is not None and d.max_chunk_bytes < 1024:
             p.append(f"data.max_chunk_bytes must be >= 1024, got {d.max_chunk_bytes}")
-        p += validate_common(self)
         return p
