@@ -136,6 +136,18 @@ class Job:
             time.sleep(0.05)
         return code
 
+    def wait_until(self, condition, timeout: float, what: str) -> None:
+        """Poll until condition() holds; the job ending first, or the timeout (the job is then killed), fails."""
+        deadline = time.time() + timeout
+        while not condition():
+            code = self.poll()
+            if code is not None:
+                raise AssertionError(f"the run ended (exit {code}) before {what}:\n{self.output()[-6000:]}")
+            if time.time() > deadline:
+                self.kill()
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}:\n{self.output()[-6000:]}")
+            time.sleep(0.05)
+
     def kill(self, sig=signal.SIGKILL) -> None:
         try:
             os.killpg(self.pgid, sig)
@@ -176,16 +188,8 @@ def run_and_kill(entry: str, ranks: int, config, overrides, out_dir: Path, kill_
                  timeout: int = 900, launcher: str = "fork", **env_extra) -> int:
     """SIGKILL the whole job once metrics.jsonl reaches the step; returns the last logged step."""
     job = Job(entry, ranks, config, overrides, launcher, **env_extra)
-    deadline = time.time() + timeout
     metrics = Path(out_dir) / "metrics.jsonl"
-    while last_step(metrics) < kill_after_step:
-        code = job.poll()
-        if code is not None:
-            raise AssertionError(f"the run ended (exit {code}) before step {kill_after_step}:\n{job.output()[-6000:]}")
-        if time.time() > deadline:
-            job.kill()
-            raise AssertionError(f"timed out waiting for step {kill_after_step}")
-        time.sleep(0.05)
+    job.wait_until(lambda: last_step(metrics) >= kill_after_step, timeout, f"step {kill_after_step}")
     job.kill()
     return last_step(metrics)
 

@@ -6,7 +6,6 @@ import json
 import random
 import shutil
 import signal
-import time
 from collections import Counter
 
 import pytest
@@ -174,9 +173,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, resume_cfg, corpus,
     out = tmp_path / "run"
     # 2 ranks: each its own `python launch/pretrain.py` with torchrun's variables (the entry script itself)
     job = Job("pretrain", ranks, cfg, [f"output_dir={out}"], launcher="exec" if ranks else "fork")
-    while last_step(out / "metrics.jsonl") < 3:
-        assert job.poll() is None, job.output()[-3000:]
-        time.sleep(0.05)
+    job.wait_until(lambda: last_step(out / "metrics.jsonl") >= 3, 300, "step 3")
     job.kill(signal.SIGTERM)  # like a scheduler: every process (launcher, ranks, loader workers)
     code = job.wait(120)
     ckpts = list_checkpoints(out / "checkpoints")
