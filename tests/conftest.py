@@ -46,13 +46,17 @@ def build_config(tmp_path: Path, kind: str = "pretrain", overrides: dict | None 
     data = copy.deepcopy(BASE[kind])
     data["output_dir"] = str(tmp_path / "out")
     for key, value in (overrides or {}).items():
-        node, *path = key.split(".")
+        *sections, leaf = key.split(".")
         target = data
-        for part in [node, *path][:-1]:
+        for part in sections:
             target = target.setdefault(part, {})
-        target[key.split(".")[-1]] = [str(v) for v in value] if key.endswith("_files") else \
-            (str(value) if isinstance(value, Path) else value)
+        target[leaf] = [_plain(v) for v in value] if isinstance(value, list) else _plain(value)
     return write_yaml(tmp_path / (name or f"{kind}.yaml"), data)
+
+
+def _plain(value):
+    """Paths as strings: YAML has no Path."""
+    return str(value) if isinstance(value, Path) else value
 
 
 @pytest.fixture
