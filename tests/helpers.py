@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from launch.core.dist import free_port
 from launch.tools.check_resume import compare, last_step, losses  # noqa: F401  (re-exported for the tests)
+from tests.zygote import GRACE_S
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
@@ -36,14 +38,6 @@ def env(**extra) -> dict:
         e.pop(key, None)
     e.update({k: str(v) for k, v in extra.items()})
     return e
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -74,7 +68,7 @@ class Job:
     """One run of launch/<entry>.py; ranks=0: a single process (no RANK), ranks=N: N ranks with the
     variables torchrun sets. Every process of the job shares one process group, so a SIGKILL of the group
     is a kill of the whole job (dataloader workers included), as a scheduler does; when one rank fails,
-    the others are killed, as launchers do. launcher:
+    the others are killed a few seconds later (GRACE_S), as launchers do. launcher:
       fork       forked from tests/zygote.py, imports already done (~8 s less per run)
       exec       a fresh `python launch/<entry>.py` per rank (the entry script itself)
       deepspeed  the real `deepspeed` launcher"""
@@ -87,7 +81,7 @@ class Job:
         envs = [env(**env_extra)] if ranks == 0 else [
             env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=ranks, LOCAL_WORLD_SIZE=ranks, MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=port, **env_extra) for r in range(ranks)]
-        self.n, self.leader, self.procs = len(envs), None, []
+        self.n, self.leader, self.procs, self.fail_deadline = len(envs), None, [], None
         if launcher == "fork":
             self.leader = Zygote.start_job(entry, args, envs, self.logs)
         elif launcher == "deepspeed":
@@ -119,10 +113,12 @@ class Job:
             except ProcessLookupError:
                 return 128 + signal.SIGKILL
         codes = [p.poll() for p in self.procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed and None in codes:
-            self.kill()
-            codes = [p.wait() for p in self.procs]
+        if None in codes and any(c not in (None, 0) for c in codes):
+            # as the zygote's leader does: the others get GRACE_S to finish (exit 75 too, or report), then die
+            self.fail_deadline = self.fail_deadline or time.time() + GRACE_S
+            if time.time() > self.fail_deadline:
+                self.kill()
+                codes = [p.wait() for p in self.procs]
         if None in codes:
             return None
         return next((c for c in codes if c != 0), 0)

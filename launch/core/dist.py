@@ -61,7 +61,7 @@ def expand_nodelist(nodelist: str) -> list[str]:
     return hosts
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -98,7 +98,7 @@ def detect(env=None) -> DistInfo:
         local_world = int(re.match(r"\d+", tasks_per_node).group())
         return DistInfo(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), local_world,
                         env.get("MASTER_ADDR") or slurm_master_addr(env), port, "slurm")
-    return DistInfo(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or _free_port(), "single")
+    return DistInfo(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
 def has_cuda() -> bool:
