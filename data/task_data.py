@@ -27,6 +27,10 @@ class TableSource(Protocol):
     train_split: str
     eval_split: str | None
     test_split: str | None
+    extra_eval: dict[str, str]
+    extra_test: dict[str, str]
+    columns: list[str] | None
+    max_train_examples: int | None
     text_a: str
     text_b: str | None
     label: str
@@ -36,16 +40,25 @@ class TableSource(Protocol):
 
 
 @dataclass
+class Table:
+    """An encoded table to score or predict, with its raw rows (for the predictions file)."""
+
+    enc: Encoded
+    rows: Rows
+    has_labels: bool
+
+
+@dataclass
 class TaskData:
     tokenizer: object  # a transformers tokenizer
     pad_id: int
     labels: LabelSpace
     train: Encoded
-    eval: Encoded | None
-    test: Encoded | None
-    test_rows: Rows | None  # for predictions.tsv
-    test_has_labels: bool
     train_path: str
+    eval: Encoded | None
+    extra_eval: dict[str, Encoded]  # name -> a further labelled table scored at every evaluation
+    test: Table | None
+    extra_test: dict[str, Table]  # name -> a further table to predict (predictions_<name>.tsv)
 
 
 def hub_rows(t: TableSource, split: str) -> Rows:
@@ -57,32 +70,46 @@ def hub_rows(t: TableSource, split: str) -> Rows:
         raise FileNotFoundError(f"task.dataset={t.dataset}: could not load split '{split}' ({e}); "
                                 "without hub access use local files (task.train_file ...)") from None
     rows = [dict(r) for r in ds]
+    if rows and t.label in ds.column_names and all(r[t.label] == -1 for r in rows):
+        for r in rows:  # the hub's test splits hide their labels as -1: treat them as unlabelled
+            del r[t.label]
+        return Rows(f"{t.dataset}:{split}", [c for c in ds.column_names if c != t.label], rows,
+                    list(range(1, len(rows) + 1)))
     return Rows(f"{t.dataset}:{split}", list(ds.column_names), rows, list(range(1, len(rows) + 1)))
 
 
 def load_task_data(t: TableSource, tokenizer) -> TaskData:
-    def rows(file, split):
+    def rows(file, split=None):
         if file:
-            return read_rows(file, t.format)
+            return read_rows(file, t.format, t.columns, t.text_a)
         return hub_rows(t, split) if (t.dataset and split) else None
 
     train = rows(t.train_file, t.train_split)
+    if t.max_train_examples:
+        train = Rows(train.path, train.columns, train.rows[:t.max_train_examples], train.lines[:t.max_train_examples])
     columns = {"task.text_a": t.text_a, "task.label": t.label} | ({"task.text_b": t.text_b} if t.text_b else {})
     require_columns(train, columns)
     labels = infer_labels(train, t.label, t.problem, t.labels)
 
-    def encode(table: Rows, need_labels: bool) -> tuple[Encoded, bool]:
+    def encode(table: Rows, need_labels: bool) -> Table:
         require_columns(table, columns if need_labels else {k: v for k, v in columns.items() if k != "task.label"})
         a, b = texts(table, t.text_a, t.text_b)
         has = t.label in table.columns
         y = [labels.encode(r[t.label], table, i, t.label) for i, r in enumerate(table.rows)] if has else \
             [np.nan] * len(table.rows)
-        return encode_pairs(tokenizer, a, b, y, t.max_length), has
+        return Table(encode_pairs(tokenizer, a, b, y, t.max_length), table, has)
 
-    train_enc, _ = encode(train, True)
-    eval_rows = rows(t.eval_file, t.eval_split)
-    eval_enc = encode(eval_rows, True)[0] if eval_rows is not None else None
-    test_rows = rows(t.test_file, t.test_split)
-    test_enc, test_has = encode(test_rows, False) if test_rows is not None else (None, False)
-    return TaskData(tokenizer, tokenizer.pad_token_id, labels, train_enc, eval_enc, test_enc, test_rows, test_has,
-                    train.path)
+    def extra(ref: str) -> Rows:  # a file, or with task.dataset a split name
+        return rows(None, ref) if t.dataset else rows(ref)
+
+    def scored(table: Rows | None) -> Encoded | None:
+        return encode(table, True).enc if table is not None else None
+
+    def predicted(table: Rows | None) -> Table | None:
+        return encode(table, False) if table is not None else None
+
+    return TaskData(tokenizer, tokenizer.pad_token_id, labels, scored(train), train.path,
+                    scored(rows(t.eval_file, t.eval_split)),
+                    {name: scored(extra(r)) for name, r in t.extra_eval.items()},
+                    predicted(rows(t.test_file, t.test_split)),
+                    {name: predicted(extra(r)) for name, r in t.extra_test.items()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -35,13 +36,17 @@ def table_format(path: str, fmt: str = "auto") -> str:
     return {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(suffix, "")
 
 
-def read_rows(path: str, fmt: str = "auto") -> Rows:
+def read_rows(path: str, fmt: str = "auto", columns: list[str] | None = None,
+              header_field: str | None = None) -> Rows:
+    """A table's rows. `columns`: names for a .tsv/.csv without a header line (GLUE's CoLA train/dev); the
+    file is still read with its own header when its first line has a field `header_field` (CoLA's test).
+    A UTF-8 byte-order mark (GLUE's MRPC) is dropped, so it never sticks to the first column's name."""
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found (task.train_file / eval_file / test_file)")
     kind = table_format(path, fmt)
     if not kind:
         raise DataError(f"{path}: unknown table format; use .tsv, .csv or .jsonl, or set task.format")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         if kind == "jsonl":
             rows, lines, columns = [], [], []
             for i, line in enumerate(f, 1):
@@ -62,15 +67,20 @@ def read_rows(path: str, fmt: str = "auto") -> Rows:
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path}: the file is empty; it needs a header line and at least one row")
+            first = None
+            if columns and header_field not in [h.strip() for h in header]:  # header-less: line 1 is data
+                first, header = header, list(columns)
             columns, rows, lines = [h.strip() for h in header], [], []
-            for row in reader:
+            numbered = ((row, reader.line_num) for row in reader)
+            for row, line in itertools.chain([(first, 1)] if first else [], numbered):
                 if not any(cell.strip() for cell in row):
                     continue
                 if len(row) != len(columns):
-                    raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields, the header has "
+                    what = "the header has" if first is None else "task.columns names"
+                    raise DataError(f"{path}: line {line} has {len(row)} fields, {what} "
                                     f"{len(columns)} (is it {'tab' if kind == 'tsv' else 'comma'}-separated?)")
                 rows.append(dict(zip(columns, row)))
-                lines.append(reader.line_num)
+                lines.append(line)
     if not rows:
         raise DataError(f"{path}: no data rows (only a header, or an empty file)")
     return Rows(path, columns, rows, lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +39,18 @@ class TaskConfig:
     """Hub split for evaluation."""
     test_split: str | None = None
     """Hub split to predict."""
+    extra_eval: dict[str, str] = field(default_factory=dict)
+    """More labelled tables scored at every evaluation, name -> file (a split name with task.dataset), e.g.
+    {mm: dev_mismatched.tsv} for MNLI: metrics eval_<name>_<metric>; the best checkpoint still follows
+    task.eval_file."""
+    extra_test: dict[str, str] = field(default_factory=dict)
+    """More tables to predict at the end, name -> file (a split name with task.dataset): written to
+    output_dir/predictions_<name>.tsv (scored in eval_results.json when labelled)."""
+    columns: list[str] | None = None
+    """Column names, in order, for .tsv/.csv tables without a header line (GLUE's CoLA train/dev). A table
+    whose first line has a field named task.text_a is still read with its own header (CoLA's test)."""
+    max_train_examples: int | None = None
+    """Train on the first N rows of the training table only (quick runs); None: all of it."""
     text_a: str = "sentence1"
     """Column of the first sentence."""
     text_b: str | None = "sentence2"
@@ -82,7 +95,7 @@ class FinetuneEvalConfig(EvalConfig):
     every: int = 0
     """Evaluate every N steps (0: at the end of every epoch)."""
     metric: str | None = None
-    """Metric that picks the best checkpoint: accuracy, f1, macro_f1, pearson, spearman, eval_loss
+    """Metric that picks the best checkpoint: accuracy, f1, matthews, macro_f1, pearson, spearman, eval_loss
     (default: accuracy for binary, macro_f1 for multi-class, pearson for regression)."""
     save_best: bool = True
     """Keep the best checkpoint (protected from keep_last) and make output_dir/final from it."""
@@ -122,11 +135,19 @@ class FinetuneConfig:
             path = getattr(t, key)
             if path and not Path(path).is_file():
                 p.append(f"task.{key}: '{path}' does not exist")
+        for key in ("extra_eval", "extra_test"):
+            for name, ref in getattr(t, key).items():
+                if not re.fullmatch(r"[A-Za-z0-9_]+", str(name)):
+                    p.append(f"task.{key}: name '{name}' must be letters, digits and _ (it names metrics and files)")
+                if not t.dataset and not Path(str(ref)).is_file():
+                    p.append(f"task.{key}.{name}: '{ref}' does not exist")
+        if t.max_train_examples is not None and t.max_train_examples < 1:
+            p.append(f"task.max_train_examples must be >= 1 (or null for all rows), got {t.max_train_examples}")
         if t.max_length is not None and t.max_length < 8:
             p.append(f"task.max_length must be >= 8, got {t.max_length}")
         if self.train.epochs is not None and self.train.epochs <= 0 and not self.train.max_steps:
             p.append(f"train.epochs must be > 0, got {self.train.epochs}")
-        metrics = ("accuracy", "f1", "macro_f1", "pearson", "spearman", "eval_loss", "mse")
+        metrics = ("accuracy", "f1", "matthews", "macro_f1", "pearson", "spearman", "eval_loss", "mse")
         if self.eval.metric is not None and self.eval.metric not in metrics:
             p.append(f"eval.metric '{self.eval.metric}' is not one of: {', '.join(metrics)}")
         return p

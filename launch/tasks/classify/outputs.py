@@ -34,16 +34,17 @@ def finish_finetune(task, trainer) -> None:
             raise RuntimeError(f"could not load the best checkpoint {source}")
     results = {"best_step": state.best_step, "metric": task.metric, "best": state.best_result,
                "final_step": state.step, "labels": task.d.labels.names, "train_examples": len(task.d.train)}
-    if task.d.test is not None:
+    tables = ({"": task.d.test} if task.d.test is not None else {}) | task.d.extra_test
+    for name, table in tables.items():
         engine.eval()
         import torch
 
         with torch.no_grad():
-            logits = task.predict(engine, task.d.test)
-        if task.d.test_has_labels:
-            results["test"] = task.scores(logits, task.d.test.labels, "test")
+            logits = task.predict(engine, table.enc)
+        if table.has_labels:
+            results["test" + (f"_{name}" if name else "")] = task.scores(logits, table.enc.labels, "test")
         if trainer.info.is_main:
-            write_predictions(out / "predictions.tsv", logits, task)
+            write_predictions(out / (f"predictions_{name}.tsv" if name else "predictions.tsv"), logits, table, task)
     if trainer.info.is_main:
         (out / "eval_results.json").write_text(json.dumps(results, indent=1))
         if source.is_dir():
@@ -53,20 +54,19 @@ def finish_finetune(task, trainer) -> None:
             trainer.metrics.info(f"final model (step {source.name}): {out / 'final'}")
 
 
-def write_predictions(path: Path, logits: np.ndarray, task) -> None:
-    names = task.d.labels.names
-    gold = task.d.test.labels
+def write_predictions(path: Path, logits: np.ndarray, table, task) -> None:
+    """index (the row's position in the table), prediction, the gold label when known, class probabilities."""
+    names, gold, labelled = task.d.labels.names, table.enc.labels, table.has_labels
     with open(path, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", lineterminator="\n")
         if task.regression:
-            w.writerow(["index", "prediction"] + (["label"] if task.d.test_has_labels else []))
+            w.writerow(["index", "prediction"] + (["label"] if labelled else []))
             for i, row in enumerate(logits):
-                w.writerow([i, f"{row[0]:.6g}"] + ([f"{gold[i]:.6g}"] if task.d.test_has_labels else []))
+                w.writerow([i, f"{row[0]:.6g}"] + ([f"{gold[i]:.6g}"] if labelled else []))
             return
         z = np.exp(logits - logits.max(1, keepdims=True))
         probs = z / z.sum(1, keepdims=True)
-        w.writerow(["index", "prediction"] + (["label"] if task.d.test_has_labels else [])
-                   + [f"prob_{n}" for n in names])
+        w.writerow(["index", "prediction"] + (["label"] if labelled else []) + [f"prob_{n}" for n in names])
         for i, p in enumerate(probs):
-            gold_col = [names[int(gold[i])]] if task.d.test_has_labels else []
+            gold_col = [names[int(gold[i])]] if labelled else []
             w.writerow([i, names[int(p.argmax())]] + gold_col + [f"{x:.6f}" for x in p])

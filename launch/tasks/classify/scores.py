@@ -16,6 +16,16 @@ def f1_for(pred: np.ndarray, gold: np.ndarray, cls: int) -> float:
     return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
+def matthews(pred: np.ndarray, gold: np.ndarray) -> float:
+    """Matthews correlation of a binary task (GLUE's CoLA metric); 0 when a row or column of the confusion
+    matrix is empty, as scikit-learn does."""
+    p, g = np.asarray(pred) == 1, np.asarray(gold) == 1
+    tp, tn = float((p & g).sum()), float((~p & ~g).sum())
+    fp, fn = float((p & ~g).sum()), float((~p & g).sum())
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return float((tp * tn - fp * fn) / denom) if denom > 0 else 0.0
+
+
 def macro_f1(pred: np.ndarray, gold: np.ndarray, num_labels: int) -> float:
     return float(np.mean([f1_for(pred, gold, c) for c in range(num_labels)]))
 
@@ -53,6 +63,7 @@ def task_metrics(kind: str, num_labels: int, pred: np.ndarray, gold: np.ndarray)
     out = {"accuracy": accuracy(pred, gold)}
     if num_labels == 2:
         out["f1"] = f1_for(pred, gold, 1)
+        out["matthews"] = matthews(pred, gold)
     else:
         out["macro_f1"] = macro_f1(pred, gold, num_labels)
     return out

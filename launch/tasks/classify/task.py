@@ -133,7 +133,10 @@ class ClassifyTask:
     def evaluate(self, engine) -> dict:
         if self.d.eval is None:
             return {}
-        return self.scores(self.predict(engine, self.d.eval), self.d.eval.labels, "eval")
+        out = self.scores(self.predict(engine, self.d.eval), self.d.eval.labels, "eval")
+        for name, enc in self.d.extra_eval.items():  # e.g. MNLI's mismatched dev set: eval_mm_accuracy
+            out |= self.scores(self.predict(engine, enc), enc.labels, f"eval_{name}")
+        return out
 
     def track_best(self, state, result) -> bool:
         key = self.metric if self.metric == "eval_loss" else f"eval_{self.metric}"
