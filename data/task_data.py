@@ -62,20 +62,20 @@ class TaskData:
 
 
 def hub_rows(t: TableSource, split: str) -> Rows:
+    config, split = split.split(":", 1) if ":" in split else (t.dataset_config, split)  # "ax:test": another config
     try:
         from datasets import load_dataset
 
-        ds = load_dataset(t.dataset, t.dataset_config, split=split)
+        ds = load_dataset(t.dataset, config, split=split)
     except Exception as e:
         raise FileNotFoundError(f"task.dataset={t.dataset}: could not load split '{split}' ({e}); "
                                 "without hub access use local files (task.train_file ...)") from None
-    rows = [dict(r) for r in ds]
-    if rows and t.label in ds.column_names and all(r[t.label] == -1 for r in rows):
-        for r in rows:  # the hub's test splits hide their labels as -1: treat them as unlabelled
+    rows, columns = [dict(r) for r in ds], list(ds.column_names)
+    if rows and t.label in columns and all(r[t.label] == -1 for r in rows):
+        columns.remove(t.label)  # the hub's test splits hide their labels as -1: they are unlabelled
+        for r in rows:
             del r[t.label]
-        return Rows(f"{t.dataset}:{split}", [c for c in ds.column_names if c != t.label], rows,
-                    list(range(1, len(rows) + 1)))
-    return Rows(f"{t.dataset}:{split}", list(ds.column_names), rows, list(range(1, len(rows) + 1)))
+    return Rows(f"{t.dataset}:{split}", columns, rows, list(range(1, len(rows) + 1)))
 
 
 def load_task_data(t: TableSource, tokenizer) -> TaskData:

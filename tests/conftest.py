@@ -34,6 +34,11 @@ BASE = {
         "train": {"epochs": 2, "micro_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
         "deepspeed": {"config": "ds_configs/zero0.json"},
         "log": {"every": 1, "wandb": {"mode": "disabled"}}, "checkpoint": {"keep_last": 1}},
+    "glue": {
+        "tokenizer": "bert-base-uncased", "model": {"preset": "tiny"}, "glue": {"seeds": [1]},
+        "train": {"epochs": 2, "micro_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
+        "deepspeed": {"config": "ds_configs/zero0.json"},
+        "log": {"every": 1, "wandb": {"mode": "disabled"}}, "checkpoint": {"keep_last": 1}},
 }
 
 
@@ -90,6 +95,7 @@ def inproc(capfd, monkeypatch):
     in this process (single process, as `python launch/<entry>.py`). Environment changes made by the run
     (RANK, MASTER_PORT, ...) are undone afterwards."""
     from launch.tasks.classify.run import main as finetune_main
+    from launch.tasks.glue.run import main as glue_main
     from launch.tasks.mlm.run import main as pretrain_main
 
     def run(entry: str, config, overrides=(), check: bool = True, **env) -> Result:
@@ -97,7 +103,7 @@ def inproc(capfd, monkeypatch):
             monkeypatch.setenv(key, str(value))
         saved = dict(os.environ)
         capfd.readouterr()
-        main = {"pretrain": pretrain_main, "finetune": finetune_main}[entry]
+        main = {"pretrain": pretrain_main, "finetune": finetune_main, "glue": glue_main}[entry]
         try:
             code = main((["--config", str(config)] if config else []) + [str(o) for o in overrides])
         finally:

@@ -233,3 +233,70 @@ def wandb_history(run_dir: Path) -> list[tuple[str, int, dict]]:
     from launch.core.tracking import read_history
 
     return read_history(run_dir)
+
+
+# The official glue_data/ layouts, column for column (headers, header-less files, byte-order mark, MNLI's
+# extra columns): (train/dev header or None, test header, label values, columns that hold text).
+GLUE_LAYOUT = {
+    "CoLA": (None, ["index", "sentence"], ("0", "1")),
+    "SST-2": (["sentence", "label"], ["index", "sentence"], ("0", "1")),
+    "MRPC": (["\ufeffQuality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+             ["index", "#1 ID", "#2 ID", "#1 String", "#2 String"], ("0", "1")),
+    "STS-B": (["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2",
+               "score"], ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1",
+                          "sentence2"], None),
+    "QQP": (["id", "qid1", "qid2", "question1", "question2", "is_duplicate"], ["id", "question1", "question2"],
+            ("0", "1")),
+    "MNLI": (["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2", "label1", "gold_label"],
+             ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
+              "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"], ("entailment", "neutral", "contradiction")),
+    "QNLI": (["index", "question", "sentence", "label"], ["index", "question", "sentence"],
+             ("entailment", "not_entailment")),
+    "RTE": (["index", "sentence1", "sentence2", "label"], ["index", "sentence1", "sentence2"],
+            ("entailment", "not_entailment")),
+    "WNLI": (["index", "sentence1", "sentence2", "label"], ["index", "sentence1", "sentence2"], ("0", "1")),
+}
+GLUE_TEXT = {"sentence", "#1 String", "#2 String", "sentence1", "sentence2", "question1", "question2", "question"}
+
+
+def write_glue(root: Path, tasks=tuple(GLUE_LAYOUT), n_train=48, n_dev=16, n_test=12, seed=0) -> Path:
+    """A small glue_data/ folder in the release's exact layout; labels follow a word in the text, so a model
+    can learn them. MNLI gets dev/test matched and mismatched (dev with label1..label5), plus diagnostic/."""
+    rng = random.Random(seed)
+    words = "river stone house light music paper garden window cloud".split()
+
+    def row(header, labels, i, test=False):
+        lab = labels[i % len(labels)] if labels else f"{(i * 7) % 50 / 10:.3f}"
+        cue = words[i % len(labels) if labels else int(float(lab))]
+        cells = []
+        for col in header:
+            name = col.lstrip("\ufeff")
+            if name in GLUE_TEXT:
+                cells.append(cue + " " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 12))) + ' "q')
+            elif name in ("label", "gold_label", "Quality", "score", "is_duplicate", "label1") and not test:
+                cells.append(lab)
+            else:
+                cells.append(str(i))
+        return "\t".join(cells)
+
+    def table(path, header, labels, n, test=False, write_header=True):
+        lines = (["\t".join(header)] if write_header else []) + [row(header, labels, i, test) for i in range(n)]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    for name in tasks:
+        head, test_head, labels = GLUE_LAYOUT[name]
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        data_head = head or ["source", "label", "original_mark", "sentence"]
+        dev_head = data_head[:-1] + ["label2", "label3", "label4", "label5", data_head[-1]] if name == "MNLI" \
+            else data_head
+        table(d / "train.tsv", data_head, labels, n_train, write_header=head is not None)
+        for dev, test in ((("dev_matched.tsv", "test_matched.tsv"), ("dev_mismatched.tsv", "test_mismatched.tsv"))
+                          if name == "MNLI" else (("dev.tsv", "test.tsv"),)):
+            table(d / dev, dev_head, labels, n_dev, write_header=head is not None)
+            table(d / test, test_head, labels, n_test, test=True)
+        if name == "MNLI":
+            (root / "diagnostic").mkdir(exist_ok=True)
+            table(root / "diagnostic" / "diagnostic.tsv", ["index", "sentence1", "sentence2"], labels, 10, test=True)
+    return root

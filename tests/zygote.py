@@ -33,10 +33,11 @@ def run_rank(entry: str, argv: list[str], env: dict, logs: str, rank: int) -> in
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = [f"launch/{entry}.py", *argv]
     from launch.tasks.classify.run import main as finetune
+    from launch.tasks.glue.run import main as glue
     from launch.tasks.mlm.run import main as pretrain
 
     try:
-        return {"pretrain": pretrain, "finetune": finetune}[entry](argv)
+        return {"pretrain": pretrain, "finetune": finetune, "glue": glue}[entry](argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except BaseException:

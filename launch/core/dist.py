@@ -101,6 +101,26 @@ def detect(env=None) -> DistInfo:
     return DistInfo(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
+def standalone_env(gpu: int | None = None) -> dict[str, str]:
+    """The environment of a child process that is a one-rank job of its own (the GLUE suite's parallel
+    runs): no inherited rank or launcher variables, a port of its own, and only GPU number `gpu` (of those
+    this process sees) visible when given."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SLURM_STEP_ID", "SLURM_PROCID", "TORCHELASTIC_RUN_ID")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["MASTER_PORT"] = str(free_port())
+    if gpu is not None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        env["CUDA_VISIBLE_DEVICES"] = visible.split(",")[gpu] if visible else str(gpu)
+    return env
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def has_cuda() -> bool:
     import torch
 

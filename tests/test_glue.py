@@ -1,0 +1,149 @@
+"""The GLUE suite: the release's layouts read unchanged, the official metrics and score, per-(task, seed)
+runs that skip when finished and resume exactly, submission files, dry run and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import zipfile
+
+import numpy as np
+import pytest
+
+from data.glue import TASKS, lookup, unknown_task_message
+from launch.tasks.classify.scores import matthews
+from tests.helpers import Job, losses, read_metrics, write_glue
+
+SUITE = {"glue.tasks": ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"], "glue.seeds": [1, 2], "glue.from_mnli": ["RTE"],
+         "checkpoint.every": 2}
+
+
+def test_registry_names_and_matthews():
+    assert [lookup(n).name for n in ("cola", "SST2", "sts-b", "Mnli", "wnli")] == ["CoLA", "SST-2", "STS-B", "MNLI",
+                                                                                    "WNLI"]
+    assert lookup("mnli-mm") is None and "did you mean 'MNLI'" in unknown_task_message("MNLL")
+    assert len(TASKS) == 9
+    # against the definition, worked by hand: tp=3 tn=2 fp=1 fn=2 -> (6-2)/sqrt(4*5*3*4)
+    pred, gold = np.array([1, 1, 1, 1, 0, 0, 0, 0]), np.array([1, 1, 1, 0, 1, 1, 0, 0])
+    assert matthews(pred, gold) == pytest.approx(4 / np.sqrt(240), abs=1e-12)
+    assert matthews(np.ones(4), np.array([1, 0, 1, 0])) == 0.0  # a constant predictor
+
+
+def test_dry_run_reads_every_task_of_the_release_layout(tmp_path, tiny_config, inproc):
+    root = write_glue(tmp_path / "glue_data")
+    r = inproc("glue", tiny_config("glue", {"glue.data_dir": root}), ["--dry-run"])
+    for name in TASKS:
+        assert f"\n{name:13s} " in r.stdout, name
+    assert "CoLA          labels 0/1; metrics matthews; columns 'sentence' -> 'label'" in r.stdout
+    assert "'#1 String' + '#2 String' -> 'Quality'" in r.stdout  # MRPC: the byte-order mark is gone
+    assert "train 48, dev 16, dev mm 16, test 12, test mm 12, test ax 10 rows" in r.stdout  # MNLI
+    assert "STS-B         regression" in r.stdout and r.stdout.count("to run") == 9
+
+
+def test_bad_glue_inputs_are_named(tmp_path, tiny_config, inproc):
+    root = write_glue(tmp_path / "glue_data", ["MRPC", "QNLI"])
+    rows = (root / "QNLI" / "dev.tsv").read_text().splitlines()
+    (root / "QNLI" / "dev.tsv").write_text("\n".join([rows[0].replace("question", "questions")] + rows[1:]) + "\n")
+    train = (root / "MRPC" / "train.tsv").read_text().splitlines()
+    train[3] = "maybe\t" + train[3].split("\t", 1)[1]  # line 4: a label outside MRPC's 0/1
+    (root / "MRPC" / "train.tsv").write_text("\n".join(train) + "\n")
+    cfg = tiny_config("glue", {"glue.data_dir": root, "glue.tasks": ["MRPC", "QNLI", "RTE"]})
+    r = inproc("glue", cfg, ["--dry-run"], check=False)
+    assert r.returncode == 2
+    assert "QNLI/dev.tsv: no column 'question' for task.text_a (did you mean 'questions'?)" in r.stderr
+    assert "MRPC/train.tsv: line 4, column 'Quality': label 'maybe'" in r.stderr
+    assert "RTE: no folder" in r.stderr and "leave RTE out of glue.tasks" in r.stderr
+    r = inproc("glue", cfg, ["glue.tasks=[MRPC,QNLII]", "glue.overrides.RTE.train.lrr=1", "glue.seeds=[]"],
+               check=False)
+    assert r.returncode == 2
+    for msg in ("unknown GLUE task 'QNLII' (did you mean 'QNLI'?)", "glue.overrides.RTE: unknown key 'train.lrr'",
+                "glue.seeds is empty"):
+        assert msg in r.stderr
+
+
+def expected_score(out, task, seed, metrics):
+    best = json.loads((out / task / f"seed_{seed}" / "eval_results.json").read_text())["best"]
+    return [100 * best[f"eval_{m}"] for m in metrics]
+
+
+def test_suite_results_submission_and_exact_resume(tmp_path, tiny_config, inproc):
+    root = write_glue(tmp_path / "glue_data", ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"])
+    wnli = root / "WNLI" / "train.tsv"  # a changed column layout: this task fails, the others still run
+    wnli.write_text(wnli.read_text().replace("sentence2", "hypothesis", 1))
+    cfg = tiny_config("glue", {"glue.data_dir": root, **SUITE})
+    out = tmp_path / "out"
+    r = inproc("glue", cfg, check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    res = json.loads((out / "glue_results.json").read_text())
+    assert set(res["tasks"]) == {"MNLI", "CoLA", "STS-B", "RTE", "WNLI"}
+    assert res["tasks"]["WNLI"]["failed"].keys() == {"1", "2"} and "hypothesis" not in res["tasks"]["WNLI"]
+    assert "no column 'sentence2'" in res["tasks"]["WNLI"]["failed"]["1"] and not res["complete"]
+    task_scores = []
+    for name, metrics in (("CoLA", ["matthews"]), ("STS-B", ["pearson", "spearman"]),
+                          ("MNLI", ["accuracy", "mm_accuracy"]), ("RTE", ["accuracy"])):
+        t = res["tasks"][name]
+        per_seed = [expected_score(out, name, s, metrics) for s in (1, 2)]
+        for i, m in enumerate(metrics):
+            assert t[f"{m}_per_seed"] == {"1": per_seed[0][i], "2": per_seed[1][i]}
+            assert t[m] == pytest.approx((per_seed[0][i] + per_seed[1][i]) / 2, abs=1e-9)
+        task_scores.append(sum(t[m] for m in metrics) / len(metrics))
+    assert res["score"] == pytest.approx(sum(task_scores) / 4, abs=1e-9)
+    assert "| CoLA | matthews |" in (out / "glue_results.md").read_text()
+    # RTE started from MNLI's model of the same seed
+    assert f"pretrained: {out}/MNLI/seed_2/final" in (out / "RTE/seed_2/config.yaml").read_text()
+
+    sub = out / "submission"
+    names = {"CoLA.tsv", "STS-B.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv", "RTE.tsv"}
+    assert {p.name for p in sub.iterdir()} == names
+    assert set(zipfile.ZipFile(out / "submission.zip").namelist()) == names
+    for file, n, allowed in (("MNLI-mm.tsv", 12, {"entailment", "neutral", "contradiction"}), ("AX.tsv", 10, None),
+                             ("CoLA.tsv", 12, {"0", "1"}), ("RTE.tsv", 12, {"entailment", "not_entailment"})):
+        rows = list(csv.reader(open(sub / file), delimiter="\t"))
+        assert rows[0] == ["index", "prediction"] and [r[0] for r in rows[1:]] == [str(i) for i in range(n)]
+        assert allowed is None or {r[1] for r in rows[1:]} <= allowed
+    assert all(0 <= float(r[1]) <= 5 for r in list(csv.reader(open(sub / "STS-B.tsv"), delimiter="\t"))[1:])
+
+    # The same command again: every finished run is skipped (nothing retrained).
+    before = (out / "MNLI/seed_1/eval_results.json").stat().st_mtime_ns
+    r = inproc("glue", cfg, ["glue.tasks=[CoLA,STS-B,MNLI,RTE]"])
+    assert r.stdout.count("finished earlier, skipped") == 8
+    assert (out / "MNLI/seed_1/eval_results.json").stat().st_mtime_ns == before
+
+    # A preempted (SIGTERM) then SIGKILLed suite, rerun with the same command each time, ends bit-identical.
+    again = tmp_path / "again"
+    over = [f"output_dir={again}", "glue.tasks=[MNLI,RTE]", "glue.seeds=[1]"]
+    job = Job("glue", 0, cfg, over)
+    job.wait_until(lambda: (again / "MNLI/seed_1/checkpoints").is_dir(), 120, "an MNLI checkpoint")
+    job.kill(signal.SIGTERM)
+    assert job.wait(120) == 75, job.output()[-3000:]
+    assert not (again / "MNLI/seed_1/eval_results.json").exists()
+    job = Job("glue", 0, cfg, over)
+    job.wait_until(lambda: (again / "RTE/seed_1/checkpoints").is_dir(), 120, "an RTE checkpoint")
+    job.kill()
+    job = Job("glue", 0, cfg, over)
+    assert job.wait(180) == 0, job.output()[-3000:]
+    for run in ("MNLI/seed_1", "RTE/seed_1"):
+        assert losses(again / run) == losses(out / run), run
+        a, b = (json.loads((d / run / "eval_results.json").read_text())["best"] for d in (again, out))
+        assert a == b
+    assert [r["step"] for r in read_metrics(again / "RTE/seed_1") if "loss" in r] == \
+        [r["step"] for r in read_metrics(out / "RTE/seed_1") if "loss" in r]
+
+
+def test_two_ranks_and_parallel_runs_give_the_same_results(tmp_path, tiny_config, inproc):
+    root = write_glue(tmp_path / "glue_data", ["SST-2", "MRPC"])
+    cfg = tiny_config("glue", {"glue.data_dir": root})
+    inproc("glue", cfg)
+    par = tmp_path / "par"
+    inproc("glue", cfg, [f"output_dir={par}", "glue.parallel=2"], OMP_NUM_THREADS=1)
+    one = json.loads((tmp_path / "out/glue_results.json").read_text())
+    assert json.loads((par / "glue_results.json").read_text())["tasks"] == one["tasks"]
+    assert (par / "SST-2/seed_1/glue.log").is_file() and (par / "MRPC/seed_1/glue.log").is_file()
+    two = tmp_path / "two"
+    job = Job("glue", 2, cfg, [f"output_dir={two}"])
+    assert job.wait(240) == 0, job.output()[-3000:]
+    res = json.loads((two / "glue_results.json").read_text())
+    assert res["tasks"].keys() == {"SST-2", "MRPC"} and res["complete"]
+    for name in ("SST-2", "MRPC"):  # 2 ranks: the same global batches; sums in another order
+        assert res["tasks"][name]["score"] == pytest.approx(one["tasks"][name]["score"], abs=5.0)
