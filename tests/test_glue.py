@@ -13,6 +13,8 @@ import pytest
 
 from data.glue import TASKS, lookup, unknown_task_message
 from launch.tasks.classify.scores import matthews
+from launch.tools.report import main as report_main
+from launch.tools.summary import main as summary_main
 from tests.helpers import Job, losses, read_metrics, write_glue
 
 SUITE = {"glue.tasks": ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"], "glue.seeds": [1, 2], "glue.from_mnli": ["RTE"],
@@ -67,7 +69,7 @@ def expected_score(out, task, seed, metrics):
     return [100 * best[f"eval_{m}"] for m in metrics]
 
 
-def test_suite_results_submission_and_exact_resume(tmp_path, tiny_config, inproc):
+def test_suite_results_submission_and_exact_resume(tmp_path, tiny_config, inproc, capfd):
     root = write_glue(tmp_path / "glue_data", ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"])
     wnli = root / "WNLI" / "train.tsv"  # a changed column layout: this task fails, the others still run
     wnli.write_text(wnli.read_text().replace("sentence2", "hypothesis", 1))
@@ -90,6 +92,9 @@ def test_suite_results_submission_and_exact_resume(tmp_path, tiny_config, inproc
         task_scores.append(sum(t[m] for m in metrics) / len(metrics))
     assert res["score"] == pytest.approx(sum(task_scores) / 4, abs=1e-9)
     assert "| CoLA | matthews |" in (out / "glue_results.md").read_text()
+    assert summary_main([str(out)]) == 0 and "| MNLI | mm_accuracy |" in capfd.readouterr().out
+    assert report_main([str(out)]) == 0
+    assert "| CoLA/seed_2 |" in (out / "report" / "report.md").read_text()
     # RTE started from MNLI's model of the same seed
     assert f"pretrained: {out}/MNLI/seed_2/final" in (out / "RTE/seed_2/config.yaml").read_text()
 

@@ -2,7 +2,8 @@
 
 Reads each run's metrics.jsonl and writes PNG plots (loss and eval curves, learning rate, throughput,
 MFU; several runs overlaid) and report.md (final metrics, tokens, wall time, GPU-hours) into --out
-(default: the first run's folder, report/).
+(default: the first run's folder, report/). A GLUE suite's output_dir stands for all of its runs
+(<task>/seed_<s>), and its results table heads the report.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 PLOTS = [  # file, title, [(metric key, label)], y log-scale
     ("loss.png", "training loss", [("loss", "train")], False),
     ("eval.png", "evaluation", [("eval_loss", "eval loss"), ("perplexity", "perplexity"),
-                                ("eval_accuracy", "accuracy"), ("eval_f1", "F1")], False),
+                                ("eval_accuracy", "accuracy"), ("eval_f1", "F1"), ("eval_matthews", "Matthews"),
+                                ("eval_pearson", "Pearson")], False),
     ("lr.png", "learning rate", [("lr", "lr")], False),
     ("throughput.png", "throughput (tokens/s, all ranks)", [("tokens_per_s", "tokens/s")], False),
     ("mfu.png", "model FLOPs utilisation", [("mfu", "MFU")], False),
@@ -106,13 +108,22 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="output_dir of one or more runs")
     p.add_argument("--out", help="where the PNGs and report.md go (default: FIRST_RUN/report)")
     args = p.parse_args(argv)
-    runs = {Path(r).name or r: load(Path(r)) for r in args.runs}
+    from launch.tasks.glue.results import glue_runs
+
+    paths, head = [], []
+    for r in map(Path, args.runs):
+        inside = glue_runs(r)
+        paths += inside or [r]
+        if (r / "glue_results.md").is_file():
+            head += (r / "glue_results.md").read_text().replace("# GLUE", "## GLUE").splitlines() + [""]
+    names = [f"{p.parent.name}/{p.name}" if p.name.startswith("seed_") else (p.name or str(p)) for p in paths]
+    runs = {name: load(p) for name, p in zip(names, paths)}
     out = Path(args.out or Path(args.runs[0]) / "report")
     out.mkdir(parents=True, exist_ok=True)
     pngs = plot(runs, out)
-    rows = [summary(name, recs, Path(r)) for (name, recs), r in zip(runs.items(), args.runs)]
+    rows = [summary(name, recs, path) for (name, recs), path in zip(runs.items(), paths)]
     keys = [k for k in rows[0] if k != "best"] + sorted({k for r in rows for k in r} - set(rows[0]) - {"best"})
-    lines = ["# Run report", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines = ["# Run report", ""] + head + ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
     for r in rows:
         if r.get("best"):

@@ -1,7 +1,8 @@
-"""Mean ± std of fine-tuning results over several runs (seeds, array tasks):
+"""Mean ± std of fine-tuning results over several runs (seeds, array tasks), or a GLUE suite's table:
 
     python -m launch.tools.summary runs/mrpc_seed*        # reads each output_dir/eval_results.json
     python -m launch.tools.summary --json runs/mrpc_seed*
+    python -m launch.tools.summary runs/glue_minilm       # a GLUE output_dir: its glue_results.md / .json
 """
 
 from __future__ import annotations
@@ -43,7 +44,12 @@ def main(argv=None) -> int:
     p.add_argument("dirs", nargs="+", help="fine-tuning output dirs (globs allowed)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = p.parse_args(argv)
-    found, values = collect(args.dirs)
+    suites = [Path(d) for d in args.dirs if (Path(d) / "glue_results.json").is_file()]
+    for d in suites:
+        print((d / ("glue_results.json" if args.json else "glue_results.md")).read_text())
+    if suites and len(suites) == len(args.dirs):
+        return 0
+    found, values = collect([d for d in args.dirs if Path(d) not in suites])
     if not found:
         print("error: no eval_results.json found in the given folders", file=sys.stderr)
         return 1

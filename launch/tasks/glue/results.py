@@ -149,3 +149,8 @@ def write(runs: list[Run], outcomes: dict[str, Outcome], out: Path, reference: s
         (out / (name + ".part")).write_text(text)
         os.replace(out / (name + ".part"), out / name)
     return results
+
+
+def glue_runs(folder: Path) -> list[Path]:
+    """The run folders (<task>/seed_<s>/) of a GLUE suite's output_dir; [] for any other folder."""
+    return sorted(p.parent for p in Path(folder).glob("*/seed_*/metrics.jsonl"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from launch.core import configlib, dist
+from launch.core.checkpoint import CheckpointError
 from launch.core.exits import EXIT_CONFIG, EXIT_REQUEUE
 from launch.tasks.glue.config import GlueConfig
 from launch.tasks.glue.suite import Run, finetune_config, finetune_dict, stale
@@ -34,14 +35,17 @@ class Outcome:
 
 def prepare(cfg: GlueConfig, run: Run, done: dict[str, Outcome]) -> Outcome | None:
     """None when the run should train now; else its outcome without training (finished, or cannot run)."""
-    if run.after_mnli:
+    if run.after_mnli and not run.finished():
         mnli = done.get(f"MNLI/seed_{run.seed}")
         if mnli is not None and mnli.code != 0:
             return Outcome(EXIT_CONFIG, f"starts from MNLI seed {run.seed}, which failed")
+        if not (run.out.parent.parent / "MNLI" / f"seed_{run.seed}" / "final").is_dir():
+            return Outcome(EXIT_CONFIG, f"starts from MNLI seed {run.seed}'s model, which does not exist yet (a job "
+                                        "array's final plain run trains it once MNLI has finished)")
     try:
         ft = finetune_config(cfg, run)
     except (ValueError, OSError) as e:
-        return Outcome(EXIT_CONFIG, str(e))
+        return Outcome(EXIT_CONFIG, reason(e))
     if run.finished():
         changes = stale(run, ft)
         if changes:
@@ -63,14 +67,13 @@ def sequential(cfg: GlueConfig, todo: list[Run], info: dist.DistInfo, log) -> di
             try:
                 code = finetune(finetune_config(cfg, run), info)
                 outcome = Outcome(code, "" if code == 0 else f"exit code {code}")
-            except (ValueError, OSError) as e:  # bad input or config (DataError, ConfigError, CheckpointError)
-                outcome = Outcome(EXIT_CONFIG, str(e))
+            except (ValueError, OSError, CheckpointError) as e:  # bad input or config (DataError, ConfigError, ...)
+                outcome = Outcome(EXIT_CONFIG, reason(e))
             except Exception as e:  # noqa: BLE001 - one failed task must not end the suite
                 traceback.print_exc()
                 outcome = Outcome(1, f"{type(e).__name__}: {e}")
         done[run.name] = outcome
-        log(f"glue: {run.name}: " + ("finished earlier, skipped" if outcome.skipped else
-                                     "done" if outcome.code == 0 else f"FAILED ({outcome.message})"))
+        report(log, run, outcome)
         if outcome.code == EXIT_REQUEUE:
             break
     return done
@@ -99,6 +102,7 @@ def parallel(cfg: GlueConfig, todo: list[Run], slots: int, gpus: bool, log) -> d
                 outcome = prepare(cfg, run, done)
                 if outcome is not None:
                     done[run.name] = outcome
+                    report(log, run, outcome)
                     continue
                 running[slot] = (run, start_child(cfg, run, slot if gpus else None))
                 log(f"glue: {run.name} started (slot {slot}) -> {run.out}/glue.log")
@@ -107,7 +111,7 @@ def parallel(cfg: GlueConfig, todo: list[Run], slots: int, gpus: bool, log) -> d
                     del running[slot]
                     done[run.name] = Outcome(proc.returncode, "" if proc.returncode == 0 else
                                              f"exit code {proc.returncode}: {last_error(run.out / 'glue.log')}")
-                    log(f"glue: {run.name}: " + ("done" if proc.returncode == 0 else f"FAILED ({done[run.name].message})"))
+                    report(log, run, done[run.name])
                     if proc.returncode == EXIT_REQUEUE:  # stopped by a signal we did not see: stop the suite too
                         stopping.append(signal.SIGTERM)
             if stopping and not running:
@@ -120,6 +124,16 @@ def parallel(cfg: GlueConfig, todo: list[Run], slots: int, gpus: bool, log) -> d
         for run in pending:
             done.setdefault(run.name, Outcome(EXIT_REQUEUE, "not started: the suite was stopped"))
     return done
+
+
+def report(log, run: Run, outcome: Outcome) -> None:
+    log(f"glue: {run.name}: " + ("finished earlier, skipped" if outcome.skipped else
+                                 "done" if outcome.code == 0 else f"FAILED ({outcome.message})"))
+
+
+def reason(e: Exception) -> str:
+    """One line for the results table: a ConfigError's problems joined, else the message."""
+    return "; ".join(e.problems) if isinstance(e, configlib.ConfigError) else str(e)
 
 
 def ready(run: Run, done: dict[str, Outcome]) -> bool:
