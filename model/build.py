@@ -33,6 +33,18 @@ def apply_dropout(config, hidden: float | None, attention: float | None) -> None
         config.attention_probs_dropout_prob = attention
 
 
+def padded_vocab(n: int, multiple: int | None) -> int:
+    """n rounded up to a multiple (GPU matrix units like vocabulary dimensions divisible by 64)."""
+    return -(-n // multiple) * multiple if multiple else n
+
+
+def pad_embeddings(model, multiple: int | None) -> None:
+    """Grow a loaded model's vocabulary rows to a multiple; the new rows are never a target or an input."""
+    rows = model.get_input_embeddings().num_embeddings
+    if multiple and rows % multiple:
+        model.resize_token_embeddings(padded_vocab(rows, multiple), mean_resizing=False)
+
+
 def check_vocab(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
     if tokenizer_vocab > model_vocab:
         raise ValueError(f"{where}: the tokenizer has {tokenizer_vocab} tokens but the model's embedding has "
@@ -46,8 +58,8 @@ def load_mlm(model_cfg, spec, seed: int):
 
     torch.manual_seed(seed)
     if model_cfg.preset:
-        config = preset_config(model_cfg.preset, spec.vocab_size, spec.pad_id,
-                               model_cfg.max_position_embeddings, model_cfg.attn_implementation)
+        config = preset_config(model_cfg.preset, padded_vocab(spec.vocab_size, model_cfg.pad_vocab_to_multiple_of),
+                               spec.pad_id, model_cfg.max_position_embeddings, model_cfg.attn_implementation)
         apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
         model = BertForMaskedLM(config)
     else:
@@ -57,6 +69,8 @@ def load_mlm(model_cfg, spec, seed: int):
         model = AutoModelForMaskedLM.from_pretrained(path, config=config, attn_implementation=
                                                      model_cfg.attn_implementation,
                                                      trust_remote_code=model_cfg.trust_remote_code)
+        pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
+        config = model.config
     check_vocab(model.get_input_embeddings().num_embeddings, spec.vocab_size,
                 model_cfg.pretrained or f"preset {model_cfg.preset}")
     return model, config

@@ -12,15 +12,15 @@ def load_classifier(model_cfg, num_labels: int, id2label: dict | None, regressio
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
 
-    from model.build import apply_dropout, check_vocab, preset_config, resolve_model_dir
+    from model.build import apply_dropout, check_vocab, pad_embeddings, padded_vocab, preset_config, resolve_model_dir
 
     torch.manual_seed(seed)
     labels = {"num_labels": num_labels, "problem_type": "regression" if regression else "single_label_classification"}
     if id2label:
         labels.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
     if model_cfg.preset:
-        config = preset_config(model_cfg.preset, vocab_size, pad_id, model_cfg.max_position_embeddings,
-                               model_cfg.attn_implementation)
+        config = preset_config(model_cfg.preset, padded_vocab(vocab_size, model_cfg.pad_vocab_to_multiple_of), pad_id,
+                               model_cfg.max_position_embeddings, model_cfg.attn_implementation)
         config.update(labels)
         apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
         model = BertForSequenceClassification(config)
@@ -31,6 +31,8 @@ def load_classifier(model_cfg, num_labels: int, id2label: dict | None, regressio
         model = AutoModelForSequenceClassification.from_pretrained(
             path, config=config, attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code, ignore_mismatched_sizes=True)
+        pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
+        config = model.config
     check_vocab(model.get_input_embeddings().num_embeddings, vocab_size,
                 model_cfg.pretrained or f"preset {model_cfg.preset}")
     return model, config

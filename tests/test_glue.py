@@ -18,7 +18,7 @@ from launch.tools.summary import main as summary_main
 from tests.helpers import Job, losses, read_metrics, write_glue
 
 SUITE = {"glue.tasks": ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"], "glue.seeds": [1, 2], "glue.from_mnli": ["RTE"],
-         "checkpoint.every": 2}
+         "checkpoint.every": 2, "glue.max_train_examples": 40, "glue.overrides": {"cola": {"train": {"lr": 3e-3}}}}
 
 
 def test_registry_names_and_matthews():
@@ -97,6 +97,9 @@ def test_suite_results_submission_and_exact_resume(tmp_path, tiny_config, inproc
     assert "| CoLA/seed_2 |" in (out / "report" / "report.md").read_text()
     # RTE started from MNLI's model of the same seed
     assert f"pretrained: {out}/MNLI/seed_2/final" in (out / "RTE/seed_2/config.yaml").read_text()
+    assert "lr: 0.003" in (out / "CoLA/seed_1/config.yaml").read_text()  # glue.overrides.cola (any case)
+    assert "lr: 0.001" in (out / "MNLI/seed_1/config.yaml").read_text()
+    assert json.loads((out / "STS-B/seed_1/eval_results.json").read_text())["train_examples"] == 40
 
     sub = out / "submission"
     names = {"CoLA.tsv", "STS-B.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv", "RTE.tsv"}
@@ -152,3 +155,30 @@ def test_two_ranks_and_parallel_runs_give_the_same_results(tmp_path, tiny_config
     assert res["tasks"].keys() == {"SST-2", "MRPC"} and res["complete"]
     for name in ("SST-2", "MRPC"):  # 2 ranks: the same global batches; sums in another order
         assert res["tasks"][name]["score"] == pytest.approx(one["tasks"][name]["score"], abs=5.0)
+
+
+def test_hub_dataset_columns_and_label_ids(tmp_path, tiny_config, inproc, monkeypatch):
+    """glue.dataset: the hub's column names and ClassLabel ids (hidden test labels are -1), offline through a
+    stand-in for datasets.load_dataset that serves nyu-mll/glue's layout."""
+    import datasets
+
+    calls = []
+
+    def fake_load(name, config, split):
+        calls.append((name, config, split))
+        n = {"train": 40}.get(split, 12)
+        rows = {"premise": [f"river {i} stone" for i in range(n)], "hypothesis": [f"house {i}" for i in range(n)],
+                "label": [-1] * n if "test" in split else [i % 3 for i in range(n)], "idx": list(range(n))}
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    cfg = tiny_config("glue", {"glue.dataset": "nyu-mll/glue", "glue.tasks": ["mnli"], "train.epochs": 1})
+    inproc("glue", cfg)
+    assert {c[2] for c in calls} >= {"train", "validation_matched", "validation_mismatched", "test_matched",
+                                      "test_mismatched"} and ("nyu-mll/glue", "ax", "test") in calls
+    res = json.loads((tmp_path / "out/glue_results.json").read_text())
+    assert set(res["tasks"]["MNLI"]) >= {"accuracy", "mm_accuracy"} and res["complete"]
+    sub = tmp_path / "out/submission"
+    assert sorted(p.name for p in sub.iterdir()) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv"]
+    predicted = {r[1] for r in list(csv.reader(open(sub / "MNLI-m.tsv"), delimiter="\t"))[1:]}
+    assert predicted <= {"entailment", "neutral", "contradiction"}  # ids mapped back to GLUE's names

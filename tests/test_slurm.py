@@ -126,3 +126,26 @@ def test_job_array_of_two_finetunes(tmp_path, tiny_config, pairs):
     assert [o.name for o in outs] == [f"ft_{job}_0", f"ft_{job}_1"]
     assert [yaml.safe_load((o / "config.yaml").read_text())["train"]["seed"] for o in outs] == [7, 8]
     assert all((o / "eval_results.json").is_file() for o in outs)
+
+
+def test_glue_job_array_then_gathering_run(tmp_path, tiny_config):
+    """slurm/glue_array.sbatch: one array task per (task, seed) run, then one plain run of the same config
+    that skips them all and writes the table and the submission."""
+    from tests.helpers import write_glue
+
+    out = tmp_path / "glue"
+    cfg = tiny_config("glue", {"glue.data_dir": write_glue(tmp_path / "glue_data", ["SST-2", "MRPC"], n_train=24),
+                               "train.epochs": 1, "output_dir": out}, name="glue.yaml")
+    job = sbatch("glue_array.sbatch", [str(cfg)], ["--array=0-1", f"--output={tmp_path}/slurm-%A_%a.out"], tmp_path)
+    for task in (0, 1):
+        info = wait_done(f"{job}_{task}")
+        assert info["JobState"] == "COMPLETED", (tmp_path / f"slurm-{job}_{task}.out").read_text()
+    assert all((out / t / "seed_1" / "eval_results.json").is_file() for t in ("SST-2", "MRPC"))
+    assert not (out / "glue_results.json").exists()  # array tasks train; the gathering run writes the table
+    gather = sbatch("glue_array.sbatch", [str(cfg)], ["--array=0", "--export=ALL,GLUE_GATHER=1",
+                                                      f"--output={tmp_path}/slurm-%A_%a.out"], tmp_path)
+    info = wait_done(f"{gather}_0")
+    log = (tmp_path / f"slurm-{gather}_0.out").read_text()
+    assert info["JobState"] == "COMPLETED" and log.count("finished earlier, skipped") == 2, log
+    res = json.loads((out / "glue_results.json").read_text())
+    assert res["complete"] and sorted(p.name for p in (out / "submission").iterdir()) == ["MRPC.tsv", "SST-2.tsv"]

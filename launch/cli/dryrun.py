@@ -26,9 +26,17 @@ def _show_plan(cfg, workers: int, problems: list[str], **plan_args) -> tuple[dis
     print(f"batch         global {p.global_batch} = micro {cfg.train.micro_batch_size} x accumulation {p.accum} x "
           f"world {info.world_size}; {workers} dataloader worker(s) per rank")
     print(f"steps         {p.total_steps}" + (f" ({p.steps_per_epoch} per epoch)" if p.steps_per_epoch else "")
-          + f", warmup {p.warmup_steps}")
+          + (f" = {_count(p.total_steps * p.global_batch * plan_args['tokens'].seq_len)} token slots"
+             if plan_args.get("tokens") else "")
+          + f", warmup {p.warmup_steps}; lr {cfg.train.lr:g} {p.schedule.kind}"
+          + (f" (decay over the last {p.schedule.decay_ratio:.0%})" if p.schedule.kind == "wsd" else "")
+          + (f", floor {p.schedule.min_ratio:g} x lr" if p.schedule.min_ratio else ""))
     print(f"precision     {p.precision}; DeepSpeed ZeRO stage {zero_stage(p.ds_config)} ({cfg.deepspeed.config})")
     return info, p
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.3g}B" if n >= 1e9 else f"{n / 1e6:.3g}M"
 
 
 def memory_table(params: int, hidden: int, layers: int, heads: int, seq: int, micro: int, world: int,
@@ -65,7 +73,8 @@ def dry_run_pretrain(cfg) -> int:
     except (OSError, ValueError) as e:
         problems.append(str(e))
         model_cfg = None
-    info, p = _show_plan(cfg, workers, problems, hidden_size=getattr(model_cfg, "hidden_size", None))
+    info, p = _show_plan(cfg, workers, problems, hidden_size=getattr(model_cfg, "hidden_size", None),
+                         tokens=cfg.token_budget())
     if model_cfg is None:  # no tokenizer or model: nothing more to show, but the plan's problems are listed
         return _finish(problems)
     print(f"model         {cfg.model.preset or cfg.model.pretrained}: {params / 1e6:.1f}M parameters, vocab "
@@ -98,13 +107,16 @@ def _model_meta(cfg, spec, problems):
     import torch
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    from model.build import preset_config, resolve_model_dir
+    from model.build import padded_vocab, preset_config, resolve_model_dir
 
+    multiple = cfg.model.pad_vocab_to_multiple_of
     if cfg.model.preset:
-        mc = preset_config(cfg.model.preset, spec.vocab_size, spec.pad_id, cfg.model.max_position_embeddings)
+        mc = preset_config(cfg.model.preset, padded_vocab(spec.vocab_size, multiple), spec.pad_id,
+                           cfg.model.max_position_embeddings)
     else:
         mc = AutoConfig.from_pretrained(resolve_model_dir(cfg.model.pretrained),
                                         trust_remote_code=cfg.model.trust_remote_code)
+        mc.vocab_size = padded_vocab(mc.vocab_size, multiple)
     if spec.vocab_size > mc.vocab_size:
         problems.append(f"the tokenizer has {spec.vocab_size} tokens but the model's vocab is {mc.vocab_size}: "
                         "use the model's own tokenizer (tokenizer=<model folder>)")

@@ -37,6 +37,9 @@ class ModelConfig:
     """Override attention_probs_dropout_prob (None: keep)."""
     max_position_embeddings: int = 512
     """Positions of a preset model; data.block_size may not exceed it."""
+    pad_vocab_to_multiple_of: int | None = None
+    """Round the vocabulary (embedding and output rows) up to a multiple, e.g. 64 for tensor cores; the extra
+    rows are never an input or a target, and the export still loads with its tokenizer."""
     trust_remote_code: bool = False
     """Allow model code shipped inside a model folder to run. Off: only transformers' own classes."""
 
@@ -56,14 +59,23 @@ class TrainConfig:
     """Linear warmup from 0 to lr, in optimizer steps."""
     warmup_ratio: float = 0.0
     """Warmup as a fraction of all steps, used when train.warmup_steps is 0."""
-    schedule: Literal["linear", "cosine", "constant"] = "linear"
-    """Decay after warmup (transformers' schedulers)."""
+    schedule: Literal["linear", "cosine", "constant", "wsd", "inverse_sqrt"] = "linear"
+    """The lr after warmup (launch/core/schedule.py): linear or cosine decay to the floor; constant; wsd = hold,
+    then linear decay over the last train.decay_ratio of the run; inverse_sqrt = sqrt(warmup / step)."""
+    min_lr_ratio: float = 0.0
+    """The floor of the decay, as a fraction of train.lr (e.g. 0.02: decay to 2% of the peak)."""
+    decay_ratio: float = 0.2
+    """wsd only: the final fraction of the steps over which the lr decays to the floor (setting it with
+    another schedule is an error)."""
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    """adamw (torch's fused AdamW) or lamb (layer-wise trust ratio for large batches: DeepSpeed's fused LAMB on
+    GPUs, launch/core/lamb.py on the CPU; ZeRO stage 0 only, as DeepSpeed's)."""
     weight_decay: float = 0.01
-    """AdamW weight decay (not applied to biases and LayerNorm weights)."""
+    """Weight decay (not applied to biases and LayerNorm weights)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
+    """Adam / LAMB betas."""
     adam_eps: float = 1e-6
-    """AdamW epsilon."""
+    """Adam / LAMB epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
     seed: int = 42
@@ -155,6 +167,8 @@ def validate_model(m: ModelConfig) -> list[str]:
     if m.pretrained and m.pretrained not in MODEL_ALIASES and not Path(m.pretrained).exists():
         p.append(f"model.pretrained: folder '{m.pretrained}' does not exist (no hub at run time: "
                  "give a local Hugging Face model folder)")
+    if m.pad_vocab_to_multiple_of is not None and m.pad_vocab_to_multiple_of < 1:
+        p.append(f"model.pad_vocab_to_multiple_of must be >= 1 (or null), got {m.pad_vocab_to_multiple_of}")
     for key in ("hidden_dropout", "attention_dropout"):
         v = getattr(m, key)
         if v is not None and not 0.0 <= v < 1.0:
@@ -174,6 +188,13 @@ def validate_train(t: TrainConfig) -> list[str]:
         p.append(f"train.lr must be > 0, got {t.lr}")
     if t.warmup_steps is not None and t.warmup_steps < 0:
         p.append(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.min_lr_ratio is not None and not 0.0 <= t.min_lr_ratio <= 1.0:
+        p.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.decay_ratio is not None and not 0.0 < t.decay_ratio <= 1.0:
+        p.append(f"train.decay_ratio must be in (0, 1], got {t.decay_ratio}")
+    if t.decay_ratio != 0.2 and t.schedule != "wsd":
+        p.append(f"train.decay_ratio={t.decay_ratio} only applies to train.schedule=wsd (the schedule is "
+                 f"{t.schedule}): remove it or set train.schedule=wsd")
     if t.warmup_ratio is not None and not 0.0 <= t.warmup_ratio < 1.0:
         p.append(f"train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
     if t.adam_betas is not None and (len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas)):

@@ -34,8 +34,8 @@ def load_ds_json(path: str) -> dict:
 
 
 def fill_ds_config(ds: dict, *, micro: int, accum: int, world: int, precision: str, lr: float,
-                   betas, eps: float, weight_decay: float, grad_clip: float, source: str = "deepspeed.config"
-                   ) -> tuple[dict, list[str]]:
+                   betas, eps: float, weight_decay: float, grad_clip: float, optimizer: str = "adamw",
+                   source: str = "deepspeed.config") -> tuple[dict, list[str]]:
     """-> (filled config, problems). Precision must already be resolved (fp32|fp16|bf16)."""
     ds, problems = copy.deepcopy(ds), []
 
@@ -58,7 +58,12 @@ def fill_ds_config(ds: dict, *, micro: int, accum: int, world: int, precision: s
     if precision == "fp16":
         ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
         ds["fp16"].setdefault("initial_scale_power", 16)
-    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt = ds.setdefault("optimizer", {"type": AUTO, "params": {}})
+    kind = {"adamw": "AdamW", "lamb": "Lamb"}[optimizer]
+    if str(opt.get("type", AUTO)).lower() in (AUTO, optimizer):
+        opt["type"] = kind
+    else:
+        put(opt, "type", kind, "train.optimizer", "optimizer.type")
     params = opt.setdefault("params", {})
     put(params, "lr", lr, "train.lr", "optimizer.params.lr")
     put(params, "betas", list(betas), "train.adam_betas", "optimizer.params.betas")
@@ -70,6 +75,9 @@ def fill_ds_config(ds: dict, *, micro: int, accum: int, world: int, precision: s
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"{source}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if optimizer == "lamb" and stage:
+        problems.append(f"{source}: train.optimizer=lamb needs zero_optimization.stage 0 (LAMB's per-layer trust "
+                        "ratio needs whole tensors; ZeRO partitions flat buffers): use ds_configs/zero0.json")
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload not in ("none", None) and stage == 0:
         problems.append(f"{source}: offload_optimizer needs zero_optimization.stage >= 1")
@@ -95,31 +103,30 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def schedule(name: str, warmup: int, total: int):
-    """Callable optimizer -> LR scheduler (DeepSpeed steps it once per optimizer step)."""
-    from transformers import get_scheduler
-
-    kind = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[name]
-    return lambda optimizer: get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total)
-
-
 def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, lr_schedule):
     """AdamW is torch's own (fused), handed to DeepSpeed: its bias correction is computed from
     the saved step count, so a resumed run updates bit-identically. (DeepSpeed's CPU Adam advances
     beta^t by multiplication in C++ and recomputes it with pow() after a load: last-bit drift.)
-    Other optimizer types in the JSON are left to DeepSpeed."""
+    LAMB is DeepSpeed's fused kernel on GPUs, ours (launch/core/lamb.py) on the CPU. Other optimizer
+    types in the JSON are left to DeepSpeed."""
     import deepspeed
 
     ds_config = dict(ds_config)
     opt_cfg = ds_config.get("optimizer", {})
     optimizer = None
     groups = param_groups(module, weight_decay)
-    if str(opt_cfg.get("type", "")).lower() == "adamw":
-        p = opt_cfg.get("params", {})
+    kind = str(opt_cfg.get("type", "")).lower()
+    p = opt_cfg.get("params", {})
+    if kind == "adamw":
         ds_config.pop("optimizer")
         # fused: one kernel over all tensors, on CUDA and (torch >= 2.4) on the CPU: ~5x faster steps there
         optimizer = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
                                       weight_decay=weight_decay, fused=True)
+    elif kind == "lamb" and not torch.cuda.is_available():  # DeepSpeed's FusedLamb is a CUDA kernel
+        from launch.core.lamb import Lamb
+
+        ds_config.pop("optimizer")
+        optimizer = Lamb(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=weight_decay)
         zero = ds_config.setdefault("zero_optimization", {})
         if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
             zero.setdefault("zero_force_ds_cpu_optimizer", False)  # keep the exact optimizer when offloading

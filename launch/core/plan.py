@@ -8,6 +8,16 @@ from dataclasses import dataclass
 
 from launch.core import configlib
 from launch.core.engine import fill_ds_config, load_ds_json, resolve_precision
+from launch.core.schedule import Schedule
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """Pretraining budgets in tokens: each optimizer step trains global batch x seq_len token slots."""
+
+    seq_len: int  # token slots per sequence (data.block_size)
+    max_tokens: int | None  # train.max_tokens: derives the step count
+    warmup_tokens: int | None  # train.warmup_tokens: derives the warmup steps
 
 
 @dataclass(frozen=True)
@@ -18,6 +28,7 @@ class Plan:
     total_steps: int
     steps_per_epoch: int | None  # fine-tuning: ceil(examples / global_batch); None for streamed corpora
     warmup_steps: int  # train.warmup_steps, or train.warmup_ratio x total_steps
+    schedule: Schedule  # the lr multiplier per optimizer step
     precision: str  # fp32 | fp16 | bf16 (auto resolved for this machine)
     ds_config: dict  # the DeepSpeed JSON with every "auto" filled
 
@@ -36,23 +47,30 @@ def batch_arithmetic(train, world_size: int) -> tuple[int, list[str]]:
 
 
 def make_plan(cfg, world_size: int, *, hidden_size: int | None = None, examples: int | None = None,
-              epochs: float | None = None) -> tuple[Plan, list[str]]:
+              epochs: float | None = None, tokens: TokenBudget | None = None) -> tuple[Plan, list[str]]:
     """-> (plan, problems). `examples`/`epochs`: a fine-tuning table's size and passes over it (the step
-    count then follows from them unless train.max_steps is set); pretraining gives neither."""
+    count then follows from them unless train.max_steps is set); pretraining gives neither, and `tokens`
+    when its budgets are in tokens (they then set the steps and the warmup)."""
     t = cfg.train
     accum, problems = batch_arithmetic(t, world_size)
     accum = max(accum, 1)
     global_batch = t.micro_batch_size * accum * world_size
     steps_per_epoch = math.ceil(examples / global_batch) if examples is not None else None
     total = t.max_steps or math.ceil((epochs or 1.0) * (steps_per_epoch or 1))
+    step_tokens = global_batch * tokens.seq_len if tokens else 0
+    if tokens and tokens.max_tokens:
+        total = math.ceil(tokens.max_tokens / step_tokens)
     warmup = t.warmup_steps or int(t.warmup_ratio * total)
+    if tokens and tokens.warmup_tokens:
+        warmup = math.ceil(tokens.warmup_tokens / step_tokens)
     precision = resolve_precision(t.precision)
     ds, more = fill_ds_config(load_ds_json(cfg.deepspeed.config), micro=t.micro_batch_size, accum=accum,
                               world=world_size, precision=precision, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
-                              weight_decay=t.weight_decay, grad_clip=t.grad_clip,
+                              weight_decay=t.weight_decay, grad_clip=t.grad_clip, optimizer=t.optimizer,
                               source=f"deepspeed.config {cfg.deepspeed.config}")
     fill_zero_auto(ds, hidden_size)
-    return Plan(world_size, accum, global_batch, total, steps_per_epoch, warmup, precision, ds), problems + more
+    sched = Schedule(t.schedule, warmup, total, t.min_lr_ratio, t.decay_ratio)
+    return Plan(world_size, accum, global_batch, total, steps_per_epoch, warmup, sched, precision, ds), problems + more
 
 
 def plan(cfg, world_size: int, **kwargs) -> Plan:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from launch.core import configlib, dist
 from launch.core.checkpoint import DS_TAG, Checkpointer, exact_keys
-from launch.core.engine import build_engine, schedule, zero_stage
+from launch.core.engine import build_engine, zero_stage
 from launch.core.loop import Trainer, TrainState
 from launch.core.metrics import MetricsLog, peak_flops
 from launch.core.plan import Plan
+from launch.core.schedule import lr_scheduler
 from launch.core.secrets import redact, write_config
 from launch.core.seeding import StopFlag
 from launch.core.task import Task
@@ -66,8 +67,7 @@ def partitioned(ckpt: Path) -> bool:
 def start(s: Session, module, task: Task, tracker=None, meta_writer=None) -> Trainer:
     """Build the DeepSpeed engine, restore the checkpoint if any, and return a ready Trainer."""
     cfg, info, p = s.cfg, s.info, s.plan
-    engine, _, _ = build_engine(module, p.ds_config, cfg.train.weight_decay,
-                                schedule(cfg.train.schedule, p.warmup_steps, p.total_steps))
+    engine, _, _ = build_engine(module, p.ds_config, cfg.train.weight_decay, lr_scheduler(p.schedule))
     state = TrainState()
     if s.resume_from is not None:
         universal = p.ds_config.get("checkpoint", {}).get("load_universal", False)

@@ -17,6 +17,7 @@ from launch.core.config import (
     validate_common,
 )
 from launch.core.configlib import REQUIRED
+from launch.core.plan import TokenBudget
 
 
 @dataclass
@@ -51,6 +52,15 @@ class DataConfig:
 
 
 @dataclass
+class PretrainTrainConfig(TrainConfig):
+    max_tokens: int | None = None
+    """Train on this many token slots (global batch x data.block_size per step); sets the step count
+    instead of train.max_steps, so the budget stays the same at any number of GPUs."""
+    warmup_tokens: int | None = None
+    """Warmup in token slots instead of train.warmup_steps / train.warmup_ratio."""
+
+
+@dataclass
 class PretrainConfig:
     output_dir: str = REQUIRED
     """Where config.yaml, metrics.jsonl, checkpoints/ and final/ go."""
@@ -60,7 +70,7 @@ class PretrainConfig:
     """Model architecture or pretrained weights."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, packing and masking."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     """Optimization."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine."""
@@ -70,6 +80,9 @@ class PretrainConfig:
     """Metrics, progress bar and wandb."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints and resume."""
+
+    def token_budget(self) -> TokenBudget:
+        return TokenBudget(self.data.block_size, self.train.max_tokens, self.train.warmup_tokens)
 
     def validate(self) -> list[str]:
         p = validate_common(self)
@@ -94,6 +107,14 @@ class PretrainConfig:
             p.append(f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
         if d.num_workers is not None and d.num_workers < 0:
             p.append(f"data.num_workers must be >= 0, got {d.num_workers}")
+        t = self.train
+        for key in ("max_tokens", "warmup_tokens"):
+            if getattr(t, key) is not None and getattr(t, key) < 1:
+                p.append(f"train.{key} must be >= 1 (or null), got {getattr(t, key)}")
+        warmups = [k for k, on in (("warmup_steps", t.warmup_steps), ("warmup_ratio", t.warmup_ratio),
+                                   ("warmup_tokens", t.warmup_tokens)) if on]
+        if len(warmups) > 1:
+            p.append(f"set one warmup, not {' and '.join('train.' + k for k in warmups)}")
         if d.max_chunk_bytes is not None and d.max_chunk_bytes < 1024:
             p.append(f"data.max_chunk_bytes must be >= 1024, got {d.max_chunk_bytes}")
         return p

@@ -33,8 +33,8 @@ def run(cfg: PretrainConfig, info) -> int:
     hf_model, hf_config = load_mlm(cfg.model, spec, cfg.train.seed)  # same initial weights on every rank
     check_positions(hf_config, cfg.data.block_size, "data.block_size")
     seed_rank(cfg.train.seed, info.rank)  # distinct dropout per rank (restored on resume)
-    s = sess.open_session(cfg, info, plan(cfg, info.world_size, hidden_size=hf_config.hidden_size),
-                          max(cfg.data.num_workers, 1))
+    p = plan(cfg, info.world_size, hidden_size=hf_config.hidden_size, tokens=cfg.token_budget())
+    s = sess.open_session(cfg, info, p, max(cfg.data.num_workers, 1))
     task = MLMTask(cfg, info, spec, hf_config, s)
     module = MaskedLM(hf_model, sparse_head=cfg.model.sparse_mlm_head)
     if cfg.model.compile:
