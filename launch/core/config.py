@@ -152,6 +152,9 @@ class CheckpointConfig:
     at_end: bool = True
     """Save a checkpoint when training ends; it is also the source of output_dir/final (benchmarks turn
     this off)."""
+    export_at: list[float] = field(default_factory=list)
+    """Fractions of the run, e.g. [0.25, 0.5, 1.0], at which a checkpoint is also written as a Hugging Face
+    model folder, output_dir/exports/step_NNNNNNNN/, so evaluation (GLUE) can start while training goes on."""
     allow_resize: bool = True
     """Resuming with another world size / worker count converts the checkpoint (DeepSpeed universal
     format) and re-splits the unread data; false: such a resume is an error."""
@@ -222,6 +225,9 @@ def validate_common(cfg) -> list[str]:
         p.append(f"eval.every must be >= 0, got {cfg.eval.every}")
     if cfg.checkpoint.every is not None and cfg.checkpoint.every < 0:
         p.append(f"checkpoint.every must be >= 0, got {cfg.checkpoint.every}")
+    bad = [f for f in cfg.checkpoint.export_at or [] if f is not None and not 0.0 < f <= 1.0]
+    if bad:
+        p.append(f"checkpoint.export_at: fractions of the run must be in (0, 1], got {bad}")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         p.append(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
     return p

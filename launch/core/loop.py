@@ -47,6 +47,7 @@ class Trainer:
         self.spikes = SpikeDetector()
         self.profiler = Profiler(cfg.output_dir, info.is_main) if cfg.log.profile else None
         self.p_tokens = self.p_samples = 0  # this rank's counts not yet in state.tokens/samples
+        self.export_steps = {max(1, round(f * task.total_steps)) for f in cfg.checkpoint.export_at}
         self._reset_meter()
         self.t_start = time.time()
 
@@ -114,6 +115,8 @@ class Trainer:
             self.evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
+        if step in self.export_steps and step < self.task.total_steps:
+            self.export(self.save())
         if dist.all_reduce([float(self.stop_flag.signum)], "max", host=True)[0]:  # all ranks agree to stop
             return self._stop(EXIT_REQUEUE, f"signal received: checkpoint saved at step {step}; exiting with "
                               f"code {EXIT_REQUEUE} (rerun the same command to resume)")
@@ -132,8 +135,10 @@ class Trainer:
         # heartbeat but does not re-arm the watchdog; tasks put single-rank work after their last collective.
         self.heartbeat.pause()
         self.evaluate()
-        if self.cfg.checkpoint.at_end:
-            self.save()  # the final checkpoint is also the source of output_dir/final
+        if self.cfg.checkpoint.at_end or self.state.step in self.export_steps:
+            ckpt = self.save()  # the final checkpoint is also the source of output_dir/final
+            if self.state.step in self.export_steps:
+                self.export(ckpt)
         self.task.finish(self)
         self.metrics.close()
         return EXIT_OK
@@ -152,6 +157,29 @@ class Trainer:
                 self.saver.protected = {self.state.step}  # the best checkpoint outlives keep_last
                 self.save()
         return result
+
+    def export(self, ckpt) -> None:
+        """checkpoint.export_at: rank 0 writes the checkpoint as a Hugging Face folder under output_dir/exports/
+        (downstream evaluation can start while training goes on); a failed export warns and training goes on."""
+        if not self.info.is_main or ckpt is None:
+            return
+        import os
+        import shutil
+        from pathlib import Path
+
+        from launch.tools.export import export
+
+        dest = Path(self.cfg.output_dir) / "exports" / ckpt.name
+        tmp = dest.with_name(dest.name + ".part")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            export(ckpt, tmp, verify_manifest=False)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+            self.metrics.info(f"exported step {self.state.step} ({self.state.step / self.task.total_steps:.0%} of "
+                              f"the run): {dest}")
+        except (OSError, SystemExit, RuntimeError, ValueError) as e:
+            self.metrics.info(f"WARNING: export of {ckpt} failed ({e}); training continues")
 
     def save(self):
         self.heartbeat.beat(self.state.step)
