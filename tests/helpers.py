@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,6 +193,34 @@ def run_and_kill(entry: str, ranks: int, config, overrides, out_dir: Path, kill_
 
 def read_metrics(out_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def doc_tokens(files, spec):
+    """Corpus truth: tokens (with [CLS]/[SEP]) of every document, keyed like the audit's doc ids."""
+    from data.sources import PieceReader, Segment, file_sizes
+
+    out = {}
+    for fi, f in enumerate(files):
+        for p in PieceReader(f, "blank_line", "text", 1 << 20, "strict").pieces(Segment(0, 0, file_sizes([f])[0])):
+            key = fi * (1 << 40) + p.doc_offset
+            out[key] = out.get(key, 0) + len(spec.encode([p.text])[0]) + p.doc_start + p.doc_end
+    return out
+
+
+def audited_tokens(out):
+    """(epoch, doc) -> tokens trained; a step counts as trained by the last attempt that ran it (all its
+    ranks), earlier attempts of that step were killed before their checkpoint."""
+    by_step = {}
+    for f in sorted((out / "audit").glob("rank_*.jsonl")):
+        for line in f.read_text().splitlines():
+            r = json.loads(line)
+            by_step.setdefault(r["step"], {}).setdefault(r["attempt"], []).append(r)
+    seen = Counter()
+    for attempts in by_step.values():
+        for r in attempts[max(attempts)]:
+            for epoch, doc, n in r["docs"]:
+                seen[(epoch, doc)] += n
+    return seen
 
 
 def write_yaml(path: Path, data: dict) -> Path:

@@ -79,13 +79,13 @@ def test_block_size_vs_positions(tmp_path):
 def test_batch_arithmetic(micro, glob, world, accum):
     cfg = PretrainConfig(output_dir="x")
     cfg.train.micro_batch_size, cfg.train.global_batch_size = micro, glob
-    assert batch_arithmetic(cfg.train, world) == (accum, [])
+    assert batch_arithmetic(cfg.train.micro_batch_size, cfg.train.global_batch_size, world) == (accum, [])
 
 
 def test_batch_arithmetic_suggests_valid_sizes():
     cfg = PretrainConfig(output_dir="x")
     cfg.train.micro_batch_size, cfg.train.global_batch_size = 8, 100
-    accum, problems = batch_arithmetic(cfg.train, 2)
+    accum, problems = batch_arithmetic(cfg.train.micro_batch_size, cfg.train.global_batch_size, 2)
     assert accum == 0
     assert problems == ["train.global_batch_size=100 is not a multiple of micro_batch_size x world_size = "
                         "8 x 2 = 16: use 96 or 112, or change train.micro_batch_size"]

@@ -16,6 +16,7 @@ from launch.core.dist import DistInfo
 from launch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from launch.core.loop import Trainer, TrainState
 from launch.core.metrics import MetricsLog
+from launch.core.plan import Phase
 from launch.core.seeding import StopFlag
 from launch.core.task import Task
 from launch.core.watchdog import Heartbeat
@@ -43,6 +44,12 @@ class FakeEngine:
     def get_lr(self):
         return [self.optimizer.param_groups[0]["lr"]]
 
+    def set_train_micro_batch_size(self, micro):
+        self.micro = micro
+
+    def set_train_batch_size(self, global_batch):
+        self.global_batch = global_batch
+
     def get_global_grad_norm(self):
         return 1.0
 
@@ -65,6 +72,9 @@ class FakeTask:
     def batches(self):
         while True:
             yield {"meta": {}}
+
+    def set_phase(self, phase):
+        self.phases_seen = getattr(self, "phases_seen", []) + [(phase.index, len(self.consumed_steps))]
 
     def consumed(self, batch, step):
         if self.on_step and step not in self.consumed_steps:
@@ -115,7 +125,7 @@ class FakeSaver:
         return self.root / f"step_{step:08d}"
 
 
-def make_trainer(tmp_path, task: FakeTask, accum: int = 1, **cfg_changes) -> Trainer:
+def make_trainer(tmp_path, task: FakeTask, accum: int = 1, phases=None, **cfg_changes) -> Trainer:
     cfg = PretrainConfig(output_dir=str(tmp_path))
     cfg.log.every, cfg.checkpoint.every = 1, 0
     for key, value in cfg_changes.items():
@@ -123,7 +133,8 @@ def make_trainer(tmp_path, task: FakeTask, accum: int = 1, **cfg_changes) -> Tra
         setattr(getattr(cfg, section), name, value)
     info = DistInfo(0, 1, 0, 1, "127.0.0.1", 0, "single")
     assert isinstance(task, Task)
-    return Trainer(cfg=cfg, info=info, engine=FakeEngine(accum), task=task, state=TrainState(), accum=accum,
+    phases = phases or (Phase(0, 0, task.total_steps, 64, 8, accum, 8 * accum),)
+    return Trainer(cfg=cfg, info=info, engine=FakeEngine(accum), task=task, state=TrainState(), phases=phases,
                    metrics=MetricsLog(str(tmp_path), True, task.total_steps, 0, progress=False),
                    saver=FakeSaver(tmp_path / "checkpoints"), stop_flag=StopFlag(), trainer_extra={},
                    peak_flops=None)
@@ -224,3 +235,15 @@ def test_the_watchdog_stays_paused_through_the_final_save(tmp_path):
     assert hb.stalled_for() is None
     assert hb.step == 7  # progress is still recorded (the poll thread writes it for the other ranks)
     hb.close()
+
+
+def test_phases_switch_data_and_accumulation_at_the_boundary(tmp_path):
+    """Phase 0 (steps 0-2, 1 micro-batch a step), then phase 1 (steps 3-4, 2 a step): the task is told at the
+    start and at the boundary, before the boundary step's first batch; the engine follows the batch sizes."""
+    task = FakeTask([1.0] * 7, total_steps=5)
+    phases = (Phase(0, 0, 3, 64, 8, 1, 8), Phase(1, 3, 5, 128, 4, 2, 8))
+    t = make_trainer(tmp_path, task, phases=phases)
+    assert t.fit() == EXIT_OK
+    assert task.phases_seen == [(0, 0), (1, 3)]  # phase 1 starts after 3 consumed micro-batches
+    assert task.consumed_steps == [1, 2, 3, 4, 4, 5, 5]
+    assert (t.engine.micro, t.engine.global_batch, t.accum) == (4, 8, 2)

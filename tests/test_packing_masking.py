@@ -99,14 +99,16 @@ def test_mask_is_a_function_of_key_only(spec):
     assert np.array_equal(a, b[::-1]) and np.array_equal(la, lb[::-1])  # position in the batch is irrelevant
 
 
-def test_whole_word_masking_selects_all_pieces(spec):
+@pytest.mark.parametrize("prob", [0.15, 0.3])  # 0.3: MosaicBERT's rate
+def test_whole_word_masking_selects_all_pieces(spec, prob):
     tokens = spec.encode(["unbelievably tokenization internationalization " * 40])[0][:120]
     ids = np.array([tokens] * 64)
     keys = np.array([block_key(3, i) for i in range(64)], dtype=np.uint64)
-    _, labels = mask_tokens(ids, keys, special=spec.special_table, prob=0.15, mask_id=spec.mask_id,
-                            vocab_size=spec.vocab_size, continuation=spec.is_continuation)
+    inputs, labels = mask_tokens(ids, keys, special=spec.special_table, prob=prob, mask_id=spec.mask_id,
+                                 vocab_size=spec.vocab_size, continuation=spec.is_continuation)
     cont = spec.is_continuation[ids]
     sel = labels != -100
     # a '##' piece is selected exactly when the token before it is
     assert np.array_equal(sel[:, 1:][cont[:, 1:]], sel[:, :-1][cont[:, 1:]])
-    assert 0.10 < sel.mean() < 0.20
+    assert prob - 0.05 < sel.mean() < prob + 0.05
+    assert abs((inputs[sel] == spec.mask_id).mean() - 0.8) < 0.03  # 80/10/10 holds at either rate

@@ -6,19 +6,19 @@ import json
 import random
 import shutil
 import signal
-from collections import Counter
 
 import pytest
 import torch
 
-from data.sources import PieceReader, Segment, file_sizes
 from data.tokenize import load_spec
 from launch.core.checkpoint import list_checkpoints
 from tests.helpers import (
     WIKI_TEST,
     WIKI_VALID,
     Job,
+    audited_tokens,
     compare,
+    doc_tokens,
     last_step,
     losses,
     make_corpus,
@@ -82,32 +82,6 @@ def check_plain_pretraining_run(out, stage):
     with torch.no_grad():
         logits = AutoModelForMaskedLM.from_pretrained(out / "final")(torch.tensor([[101, 2000, 2001, 103, 102]])).logits
     assert logits.shape == (1, 5, 30522)
-
-
-def doc_tokens(files, spec):
-    """Corpus truth: tokens (with [CLS]/[SEP]) of every document, keyed like the audit's doc ids."""
-    out = {}
-    for fi, f in enumerate(files):
-        for p in PieceReader(f, "blank_line", "text", 1 << 20, "strict").pieces(Segment(0, 0, file_sizes([f])[0])):
-            key = fi * (1 << 40) + p.doc_offset
-            out[key] = out.get(key, 0) + len(spec.encode([p.text])[0]) + p.doc_start + p.doc_end
-    return out
-
-
-def audited_tokens(out):
-    """(epoch, doc) -> tokens trained; a step counts as trained by the last attempt that ran it (all its
-    ranks), earlier attempts of that step were killed before their checkpoint."""
-    by_step = {}
-    for f in sorted((out / "audit").glob("rank_*.jsonl")):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            by_step.setdefault(r["step"], {}).setdefault(r["attempt"], []).append(r)
-    seen = Counter()
-    for attempts in by_step.values():
-        for r in attempts[max(attempts)]:
-            for epoch, doc, n in r["docs"]:
-                seen[(epoch, doc)] += n
-    return seen
 
 
 def test_exactly_once_across_kills_and_world_size_changes(tmp_path, resume_cfg):

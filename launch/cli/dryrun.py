@@ -26,8 +26,8 @@ def _show_plan(cfg, workers: int, problems: list[str], **plan_args) -> tuple[dis
     print(f"batch         global {p.global_batch} = micro {cfg.train.micro_batch_size} x accumulation {p.accum} x "
           f"world {info.world_size}; {workers} dataloader worker(s) per rank")
     print(f"steps         {p.total_steps}" + (f" ({p.steps_per_epoch} per epoch)" if p.steps_per_epoch else "")
-          + (f" = {_count(p.total_steps * p.global_batch * plan_args['tokens'].seq_len)} token slots"
-             if plan_args.get("tokens") else "")
+          + (f" = {_count(sum(ph.global_batch * ph.block_size * (ph.end - ph.start) for ph in p.phases))} "
+             "token slots" if plan_args.get("phases") else "")
           + f", warmup {p.warmup_steps}; lr {cfg.train.lr:g} {p.schedule.kind}"
           + (f" (decay over the last {p.schedule.decay_ratio:.0%})" if p.schedule.kind == "wsd" else "")
           + (f", floor {p.schedule.min_ratio:g} x lr" if p.schedule.min_ratio else ""))
@@ -74,7 +74,7 @@ def dry_run_pretrain(cfg) -> int:
         problems.append(str(e))
         model_cfg = None
     info, p = _show_plan(cfg, workers, problems, hidden_size=getattr(model_cfg, "hidden_size", None),
-                         tokens=cfg.token_budget())
+                         phases=cfg.phase_specs(), warmup_tokens=cfg.train.warmup_tokens)
     if model_cfg is None:  # no tokenizer or model: nothing more to show, but the plan's problems are listed
         return _finish(problems)
     print(f"model         {cfg.model.preset or cfg.model.pretrained}: {params / 1e6:.1f}M parameters, vocab "
@@ -82,6 +82,13 @@ def dry_run_pretrain(cfg) -> int:
     print("memory/device " + memory_table(params, model_cfg.hidden_size, model_cfg.num_hidden_layers,
                                           model_cfg.num_attention_heads, cfg.data.block_size,
                                           cfg.train.micro_batch_size, info.world_size, p.precision))
+    for ph in p.phases if len(p.phases) > 1 else ():
+        mem = memory_table(params, model_cfg.hidden_size, model_cfg.num_hidden_layers, model_cfg.num_attention_heads,
+                           ph.block_size, ph.micro, info.world_size, p.precision).split("\n")
+        print(f"phase {ph.index}       steps {ph.start}-{ph.end} ({ph.end - ph.start}), block {ph.block_size}, "
+              f"global batch {ph.global_batch} = micro {ph.micro} x accumulation {ph.accum} x world {info.world_size}, "
+              f"{_count(ph.global_batch * ph.block_size * (ph.end - ph.start))} token slots; memory "
+              + mem[zero_stage(p.ds_config)].strip())
     try:
         from data.mlm import MLMDataset, MLMSettings, initial_states
 

@@ -62,6 +62,10 @@ class TrainConfig:
     schedule: Literal["linear", "cosine", "constant", "wsd", "inverse_sqrt"] = "linear"
     """The lr after warmup (launch/core/schedule.py): linear or cosine decay to the floor; constant; wsd = hold,
     then linear decay over the last train.decay_ratio of the run; inverse_sqrt = sqrt(warmup / step)."""
+    time_budget_h: float | None = None
+    """Stop after this many hours of training, counting every attempt of a resumed run; the lr then follows
+    the fraction of the budget used (warmup still in steps) and is at its floor at the end. train.max_steps
+    stays a cap (its schedule length is also the reference for the warmup fraction)."""
     min_lr_ratio: float = 0.0
     """The floor of the decay, as a fraction of train.lr (e.g. 0.02: decay to 2% of the peak)."""
     decay_ratio: float = 0.2
@@ -191,6 +195,8 @@ def validate_train(t: TrainConfig) -> list[str]:
         p.append(f"train.lr must be > 0, got {t.lr}")
     if t.warmup_steps is not None and t.warmup_steps < 0:
         p.append(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if t.time_budget_h is not None and t.time_budget_h <= 0:
+        p.append(f"train.time_budget_h must be > 0 (or null), got {t.time_budget_h}")
     if t.min_lr_ratio is not None and not 0.0 <= t.min_lr_ratio <= 1.0:
         p.append(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     if t.decay_ratio is not None and not 0.0 < t.decay_ratio <= 1.0:

@@ -16,6 +16,7 @@ import torch
 
 from launch.core import dist
 from launch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from launch.core.plan import Phase
 from launch.core.probes import FaultInjection, Profiler, SpikeDetector
 from launch.core.task import Task
 from launch.core.watchdog import Heartbeat
@@ -35,10 +36,11 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, *, cfg, info, engine, task: Task, state: TrainState, accum: int, metrics, saver,
-                 stop_flag, trainer_extra, peak_flops: float | None):
+    def __init__(self, *, cfg, info, engine, task: Task, state: TrainState, phases: tuple[Phase, ...], metrics,
+                 saver, stop_flag, trainer_extra, peak_flops: float | None, schedule=None):
         self.cfg, self.info, self.engine, self.task = cfg, info, engine, task
-        self.state, self.accum, self.metrics, self.saver = state, accum, metrics, saver
+        self.state, self.phases, self.metrics, self.saver = state, phases, metrics, saver
+        self.phase, self.accum = None, phases[0].accum
         self.stop_flag, self.trainer_extra, self.peak = stop_flag, trainer_extra, peak_flops
         self.bad_in_row = 0
         self.check_each = cfg.train.nan_check == "micro_batch"
@@ -48,6 +50,7 @@ class Trainer:
         self.profiler = Profiler(cfg.output_dir, info.is_main) if cfg.log.profile else None
         self.p_tokens = self.p_samples = 0  # this rank's counts not yet in state.tokens/samples
         self.export_steps = {max(1, round(f * task.total_steps)) for f in cfg.checkpoint.export_at}
+        self.schedule, self.out_of_time = schedule, False  # train.time_budget_h: a TimedSchedule
         self._reset_meter()
         self.t_start = time.time()
 
@@ -62,7 +65,8 @@ class Trainer:
     def _fit(self) -> int:
         task, engine = self.task, self.engine
         batches = task.batches()
-        while self.state.step < task.total_steps:
+        while self.state.step < task.total_steps and not self.out_of_time:
+            self._enter_phase()  # a new sequence length / batch size from this step on (train.phases)
             bad = 0
             for i in range(self.accum):  # gradient accumulation over `accum` micro-batches
                 batch = next(batches)  # input_ids/labels/attention_mask: int64[B, L]
@@ -88,6 +92,10 @@ class Trainer:
     def _after_step(self, bad: int) -> int | None:
         """Log, evaluate, checkpoint; returns an exit code when the run must stop here."""
         step, cfg = self.state.step, self.cfg
+        # one small host collective: all ranks agree on a stop signal and on the elapsed time
+        signum, elapsed = dist.all_reduce([float(self.stop_flag.signum), self._elapsed()], "max", host=True)
+        if cfg.train.time_budget_h:
+            self._follow_time(elapsed / (cfg.train.time_budget_h * 3600))
         self.state.bad_micro_batches += bad
         self.state.skipped_steps += bad == self.accum
         self.bad_in_row = self.bad_in_row + 1 if bad else 0
@@ -99,8 +107,8 @@ class Trainer:
                                   f"state is in {self.saver.root}; lower train.lr, use bf16/fp32, or inspect "
                                   "the data")
         record = None
-        if step % cfg.log.every == 0 or step == self.task.total_steps:
-            record = self._log_record()
+        if step % cfg.log.every == 0 or step == self.task.total_steps or self.out_of_time:
+            record = self._log_record(elapsed)
             if self.spikes.is_spike(record["loss"]):
                 record["loss_spike"] = 1
                 self.metrics.info(f"WARNING: loss spike at step {step}: {record['loss']:.4g} (recent mean "
@@ -117,7 +125,7 @@ class Trainer:
             self.save()
         if step in self.export_steps and step < self.task.total_steps:
             self.export(self.save())
-        if dist.all_reduce([float(self.stop_flag.signum)], "max", host=True)[0]:  # all ranks agree to stop
+        if signum:
             return self._stop(EXIT_REQUEUE, f"signal received: checkpoint saved at step {step}; exiting with "
                               f"code {EXIT_REQUEUE} (rerun the same command to resume)")
         return None
@@ -185,10 +193,40 @@ class Trainer:
         self.heartbeat.beat(self.state.step)
         self._flush_totals()
         trainer = {"state": asdict(self.state), **self.trainer_extra, **self.task.data_state()}
-        trainer["state"]["elapsed_s"] = self.state.elapsed_s + time.time() - self.t_start
+        trainer["state"]["elapsed_s"] = self._elapsed()
         return self.saver.save(self.engine, self.state.step, trainer)
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        """Training wall time of this run so far, earlier attempts included (seconds)."""
+        return self.state.elapsed_s + time.time() - self.t_start
+
+    def _follow_time(self, fraction: float) -> None:
+        """Time budget: the lr of the next step follows the fraction of the budget used; past the budget the
+        run ends after this step, with the lr at its floor."""
+        self.schedule.fraction = fraction
+        self.out_of_time = fraction >= 1.0
+        sched = self.engine.lr_scheduler
+        for group, base in zip(sched.optimizer.param_groups, sched.base_lrs):
+            group["lr"] = base * self.schedule(sched.last_epoch)
+
+    def _enter_phase(self) -> None:
+        """At the first step of a phase (and at the start of a run): the task switches its data to the
+        phase's block size and micro-batch from its current position; DeepSpeed's batch arithmetic follows."""
+        ph = next((p for p in self.phases if self.state.step < p.end), self.phases[-1])
+        if ph is self.phase:
+            return
+        self.phase, self.accum = ph, ph.accum
+        self.task.set_phase(ph)
+        self.engine.set_train_micro_batch_size(ph.micro)
+        self.engine.set_train_batch_size(ph.global_batch)
+        if hasattr(self.engine.optimizer, "gradient_accumulation_steps"):  # ZeRO 1/2 keep their own copy
+            self.engine.optimizer.gradient_accumulation_steps = ph.accum
+        if len(self.phases) > 1:
+            self.metrics.info(f"phase {ph.index}: steps {ph.start}-{ph.end}, block size {ph.block_size}, global "
+                              f"batch {ph.global_batch} (micro {ph.micro} x accumulation {ph.accum})")
+
+
     def _all_finite(self, loss: torch.Tensor) -> bool:
         bad = 0.0 if torch.isfinite(loss.detach()).item() else 1.0  # the one host sync per micro-batch
         return dist.all_reduce([bad], "max", host=True)[0] == 0.0
@@ -228,7 +266,7 @@ class Trainer:
         self.p_tokens += counts.get("real_tokens", 0)
         self.p_samples += counts.get("sequences", 0)
 
-    def _log_record(self) -> dict:
+    def _log_record(self, elapsed: float) -> dict:
         keys = sorted(self.m_counts)
         local = [float(self.m_loss), float(self.m_micro)] + [float(self.m_counts[k]) for k in keys]
         tot = dist.all_reduce(local, "sum")
@@ -244,7 +282,7 @@ class Trainer:
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "real_token_frac": counts.get("real_tokens", 0) / max(counts.get("slots", 1), 1),
                   "skipped_steps": self.state.skipped_steps + int(getattr(self.engine, "skipped_steps", 0)),
-                  "time": round(self.state.elapsed_s + time.time() - self.t_start, 3)}
+                  "time": round(elapsed, 3)}
         if self.peak and flops:
             record["mfu"] = flops / dt / (self.peak * self.info.world_size)
         if torch.cuda.is_available():

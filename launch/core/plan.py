@@ -8,69 +8,105 @@ from dataclasses import dataclass
 
 from launch.core import configlib
 from launch.core.engine import fill_ds_config, load_ds_json, resolve_precision
-from launch.core.schedule import Schedule
+from launch.core.schedule import Schedule, TimedSchedule
 
 
 @dataclass(frozen=True)
-class TokenBudget:
-    """Pretraining budgets in tokens: each optimizer step trains global batch x seq_len token slots."""
+class PhaseSpec:
+    """What a pretraining phase asks for (train.phases, or the whole run as one phase)."""
 
-    seq_len: int  # token slots per sequence (data.block_size)
-    max_tokens: int | None  # train.max_tokens: derives the step count
-    warmup_tokens: int | None  # train.warmup_tokens: derives the warmup steps
+    steps: int | None  # optimizer steps, or
+    tokens: int | None  # token slots (global batch x block size per step), which set the steps
+    block_size: int
+    micro_batch_size: int | None = None  # None: train.micro_batch_size
+    global_batch_size: int | None = None  # None: train.global_batch_size
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A phase as it runs: steps [start, end) of the run, its sequence length and batch arithmetic."""
+
+    index: int
+    start: int
+    end: int
+    block_size: int | None  # None: fine-tuning (dynamic lengths)
+    micro: int
+    accum: int
+    global_batch: int
 
 
 @dataclass(frozen=True)
 class Plan:
     world_size: int
-    accum: int  # gradient-accumulation micro-batches per optimizer step
-    global_batch: int  # sequences per optimizer step, all ranks = micro x accum x world
+    accum: int  # gradient-accumulation micro-batches per optimizer step (first phase)
+    global_batch: int  # sequences per optimizer step, all ranks = micro x accum x world (first phase)
     total_steps: int
+    phases: tuple[Phase, ...]  # one, or train.phases in order; they tile [0, total_steps)
     steps_per_epoch: int | None  # fine-tuning: ceil(examples / global_batch); None for streamed corpora
     warmup_steps: int  # train.warmup_steps, or train.warmup_ratio x total_steps
-    schedule: Schedule  # the lr multiplier per optimizer step
+    schedule: Schedule | TimedSchedule  # the lr multiplier per optimizer step (or per fraction of a time budget)
     precision: str  # fp32 | fp16 | bf16 (auto resolved for this machine)
     ds_config: dict  # the DeepSpeed JSON with every "auto" filled
 
 
-def batch_arithmetic(train, world_size: int) -> tuple[int, list[str]]:
+    def phase_at(self, step: int) -> Phase:
+        """The phase of the step after `step` steps are done (the last phase once the run is over)."""
+        return next((ph for ph in self.phases if step < ph.end), self.phases[-1])
+
+
+def batch_arithmetic(micro: int, global_batch: int | None, world_size: int, where: str = "train"
+                     ) -> tuple[int, list[str]]:
     """Gradient-accumulation steps implied by global = micro x accum x world; problems if it is not whole."""
-    micro = train.micro_batch_size
-    glob_bs = train.global_batch_size or micro * world_size
+    glob_bs = global_batch or micro * world_size
     per_step = micro * world_size
     if glob_bs % per_step:
         lo = max(per_step, glob_bs // per_step * per_step)
-        return 0, [f"train.global_batch_size={glob_bs} is not a multiple of micro_batch_size x world_size "
+        return 0, [f"{where}.global_batch_size={glob_bs} is not a multiple of micro_batch_size x world_size "
                    f"= {micro} x {world_size} = {per_step}: use {lo} or {lo + per_step}, or change "
-                   "train.micro_batch_size"]
+                   f"{where}.micro_batch_size"]
     return glob_bs // per_step, []
 
 
 def make_plan(cfg, world_size: int, *, hidden_size: int | None = None, examples: int | None = None,
-              epochs: float | None = None, tokens: TokenBudget | None = None) -> tuple[Plan, list[str]]:
+              epochs: float | None = None, phases: list[PhaseSpec] | None = None,
+              warmup_tokens: int | None = None) -> tuple[Plan, list[str]]:
     """-> (plan, problems). `examples`/`epochs`: a fine-tuning table's size and passes over it (the step
-    count then follows from them unless train.max_steps is set); pretraining gives neither, and `tokens`
-    when its budgets are in tokens (they then set the steps and the warmup)."""
+    count then follows from them unless train.max_steps is set). Pretraining gives `phases` (its whole run
+    as one phase, or train.phases), whose steps or tokens make the run; `warmup_tokens` sets the warmup."""
     t = cfg.train
-    accum, problems = batch_arithmetic(t, world_size)
-    accum = max(accum, 1)
-    global_batch = t.micro_batch_size * accum * world_size
-    steps_per_epoch = math.ceil(examples / global_batch) if examples is not None else None
-    total = t.max_steps or math.ceil((epochs or 1.0) * (steps_per_epoch or 1))
-    step_tokens = global_batch * tokens.seq_len if tokens else 0
-    if tokens and tokens.max_tokens:
-        total = math.ceil(tokens.max_tokens / step_tokens)
+    problems: list[str] = []
+    runs: list[Phase] = []
+    for i, spec in enumerate(phases or [PhaseSpec(None, None, None)]):
+        micro = spec.micro_batch_size or t.micro_batch_size
+        where = f"train.phases[{i}]" if phases and len(phases) > 1 else "train"
+        accum, more = batch_arithmetic(micro, spec.global_batch_size or t.global_batch_size, world_size, where)
+        problems += more
+        accum = max(accum, 1)
+        global_batch = micro * accum * world_size
+        if spec.tokens:
+            steps = math.ceil(spec.tokens / (global_batch * spec.block_size))
+        elif spec.steps:
+            steps = spec.steps
+        else:  # fine-tuning: epochs over the table, unless train.max_steps
+            steps = t.max_steps or math.ceil((epochs or 1.0) * math.ceil((examples or global_batch) / global_batch))
+        start = runs[-1].end if runs else 0
+        runs.append(Phase(i, start, start + steps, spec.block_size, micro, accum, global_batch))
+    first, total = runs[0], runs[-1].end
+    steps_per_epoch = math.ceil(examples / first.global_batch) if examples is not None else None
     warmup = t.warmup_steps or int(t.warmup_ratio * total)
-    if tokens and tokens.warmup_tokens:
-        warmup = math.ceil(tokens.warmup_tokens / step_tokens)
+    if warmup_tokens:  # in the first phase's token slots per step
+        warmup = math.ceil(warmup_tokens / (first.global_batch * first.block_size))
     precision = resolve_precision(t.precision)
-    ds, more = fill_ds_config(load_ds_json(cfg.deepspeed.config), micro=t.micro_batch_size, accum=accum,
+    ds, more = fill_ds_config(load_ds_json(cfg.deepspeed.config), micro=first.micro, accum=first.accum,
                               world=world_size, precision=precision, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
                               weight_decay=t.weight_decay, grad_clip=t.grad_clip, optimizer=t.optimizer,
                               source=f"deepspeed.config {cfg.deepspeed.config}")
     fill_zero_auto(ds, hidden_size)
     sched = Schedule(t.schedule, warmup, total, t.min_lr_ratio, t.decay_ratio)
-    return Plan(world_size, accum, global_batch, total, steps_per_epoch, warmup, sched, precision, ds), problems + more
+    if t.time_budget_h:
+        sched = TimedSchedule(sched)
+    return Plan(world_size, first.accum, first.global_batch, total, tuple(runs), steps_per_epoch, warmup, sched,
+                precision, ds), problems + more
 
 
 def plan(cfg, world_size: int, **kwargs) -> Plan:

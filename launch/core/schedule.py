@@ -50,12 +50,26 @@ class Schedule:
         return floor + (1.0 - floor) * shape
 
     def at_fraction(self, fraction: float) -> float:
-        """The multiplier when `fraction` of the run is done (a time budget: the fraction of the time used):
-        the same curve at the continuous position fraction x total."""
-        return self(min(max(fraction, 0.0), 1.0) * self.total)
+        """The post-warmup curve when `fraction` of the run is done (position fraction x total, never before the
+        end of warmup): what a time budget follows once its warmup steps are over."""
+        return self.after_warmup(max(min(max(fraction, 0.0), 1.0) * self.total, self.warmup))
 
 
-def lr_scheduler(schedule: Schedule):
+class TimedSchedule:
+    """train.time_budget_h (academic-budget-bert's time-based schedule): warmup over the first `warmup` steps,
+    then the schedule's curve at the fraction of the time budget used, which the trainer sets after every step
+    from the elapsed training time of all attempts (the same value on every rank)."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule, self.fraction = schedule, 0.0
+
+    def __call__(self, step: float) -> float:
+        if step < self.schedule.warmup:
+            return self.schedule(step)
+        return self.schedule.at_fraction(self.fraction)
+
+
+def lr_scheduler(schedule: Schedule | TimedSchedule):
     """Callable optimizer -> torch LambdaLR following `schedule` (DeepSpeed steps it once per optimizer step;
     its state is the step count, saved and restored with the checkpoint)."""
     import torch

@@ -90,6 +90,6 @@ def start(s: Session, module, task: Task, tracker=None, meta_writer=None) -> Tra
         from launch.core.tracking import resume_tracker
 
         resume_tracker(tracker, cfg.output_dir, state.step, metrics.previous_max_step)
-    return Trainer(cfg=cfg, info=info, engine=engine, task=task, state=state, accum=p.accum, metrics=metrics,
-                   saver=s.saver, stop_flag=StopFlag(), trainer_extra=extra,
+    return Trainer(cfg=cfg, info=info, engine=engine, task=task, state=state, phases=p.phases, schedule=p.schedule,
+                   metrics=metrics, saver=s.saver, stop_flag=StopFlag(), trainer_extra=extra,
                    peak_flops=peak_flops(p.precision, cfg.log.peak_tflops))

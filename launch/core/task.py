@@ -13,6 +13,7 @@ import torch
 
 if TYPE_CHECKING:
     from launch.core.loop import Trainer, TrainState
+    from launch.core.plan import Phase
 
 Batch = dict[str, Any]  # tensors (input_ids int64[B, L], ...) plus "meta": host-side bookkeeping
 Counts = dict[str, float]  # real_tokens, slots, sequences, head_rows (+ task extras), summed over a step
@@ -29,6 +30,10 @@ class Task(Protocol):
 
     def batches(self) -> Iterator[Batch]:
         """This rank's micro-batches from the current data position on (a seek on resume, not a replay)."""
+
+    def set_phase(self, phase: Phase) -> None:
+        """From the next batch on, serve `phase`'s block size and micro-batch, continuing from the data
+        position of the last consumed batch (called at the start of the run and at each phase boundary)."""
 
     def consumed(self, batch: Batch, step: int | None) -> None:
         """`batch` is trained in optimizer step `step` (None: passed over, nothing to train in it):

@@ -63,6 +63,9 @@ class ClassifyTask:
         return collate(enc, np.asarray(idx, dtype=np.int64), self.d.pad_id, self.regression,
                        self.cfg.task.pad_to_multiple_of, n_step)
 
+    def set_phase(self, phase) -> None:
+        pass  # one phase: the plan's batch arithmetic, which the task already follows
+
     def consumed(self, batch, step) -> None:
         pass  # the position is the step count itself
 

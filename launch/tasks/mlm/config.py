@@ -17,7 +17,7 @@ from launch.core.config import (
     validate_common,
 )
 from launch.core.configlib import REQUIRED
-from launch.core.plan import TokenBudget
+from launch.core.plan import PhaseSpec
 
 
 @dataclass
@@ -52,12 +52,32 @@ class DataConfig:
 
 
 @dataclass
+class PhaseConfig:
+    block_size: int = REQUIRED
+    """Tokens per packed block in this phase."""
+    steps: int | None = None
+    """Optimizer steps of this phase (set steps or tokens)."""
+    tokens: int | None = None
+    """Token slots of this phase (global batch x block_size per step), instead of steps."""
+    micro_batch_size: int | None = None
+    """Sequences per rank per forward pass in this phase (None: train.micro_batch_size)."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step in this phase (None: train.global_batch_size)."""
+
+
+@dataclass
 class PretrainTrainConfig(TrainConfig):
     max_tokens: int | None = None
     """Train on this many token slots (global batch x data.block_size per step); sets the step count
     instead of train.max_steps, so the budget stays the same at any number of GPUs."""
     warmup_tokens: int | None = None
-    """Warmup in token slots instead of train.warmup_steps / train.warmup_ratio."""
+    """Warmup in token slots (of the first phase's steps) instead of train.warmup_steps / warmup_ratio."""
+    phases: list[PhaseConfig] = field(default_factory=list)
+    """Sequence-length phases run one after another in one run, e.g. [{tokens: 30e9, block_size: 128},
+    {tokens: 3e9, block_size: 512, micro_batch_size: 16}]: the same optimizer, one schedule over all of them,
+    and the data read on from where the previous phase stopped (each document still once per epoch). The
+    run's steps are the phases' sum (train.max_steps / max_tokens do not apply); data.block_size stays
+    the evaluation's block length."""
 
 
 @dataclass
@@ -81,8 +101,17 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoints and resume."""
 
-    def token_budget(self) -> TokenBudget:
-        return TokenBudget(self.data.block_size, self.train.max_tokens, self.train.warmup_tokens)
+    def phase_specs(self) -> list[PhaseSpec]:
+        """The run's phases for the plan: train.phases, or the whole run as one phase."""
+        t = self.train
+        if not t.phases:
+            return [PhaseSpec(t.max_steps, t.max_tokens, self.data.block_size)]
+        return [PhaseSpec(ph.steps, ph.tokens, ph.block_size, ph.micro_batch_size, ph.global_batch_size)
+                for ph in t.phases]
+
+    def max_block_size(self) -> int:
+        """The longest sequence any phase (or the evaluation) trains on: positions must cover it."""
+        return max([self.data.block_size or 0] + [ph.block_size or 0 for ph in self.train.phases])
 
     def validate(self) -> list[str]:
         p = validate_common(self)
@@ -100,9 +129,11 @@ class PretrainConfig:
                      "python -m launch.tools.prepare --config <this config> --out <folder>")
         if d.block_size is not None and not 8 <= d.block_size:
             p.append(f"data.block_size must be at least 8, got {d.block_size}")
-        if self.model.preset and d.block_size and d.block_size > self.model.max_position_embeddings:
-            p.append(f"data.block_size={d.block_size} exceeds model.max_position_embeddings="
-                     f"{self.model.max_position_embeddings}: lower the block size or raise the positions")
+        longest = self.max_block_size() if all(ph.block_size for ph in self.train.phases) else d.block_size
+        if self.model.preset and longest and longest > self.model.max_position_embeddings:
+            key = "data.block_size" if longest == d.block_size else "train.phases[].block_size"
+            p.append(f"{key}={longest} exceeds model.max_position_embeddings={self.model.max_position_embeddings}: "
+                     "lower the block size or raise the positions")
         if d.mlm_probability is not None and not 0.0 < d.mlm_probability < 1.0:
             p.append(f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
         if d.num_workers is not None and d.num_workers < 0:
@@ -111,6 +142,16 @@ class PretrainConfig:
         for key in ("max_tokens", "warmup_tokens"):
             if getattr(t, key) is not None and getattr(t, key) < 1:
                 p.append(f"train.{key} must be >= 1 (or null), got {getattr(t, key)}")
+        for i, ph in enumerate(t.phases):
+            if (ph.steps is None) == (ph.tokens is None):
+                p.append(f"train.phases[{i}]: set exactly one of steps or tokens")
+            for key in ("steps", "tokens", "micro_batch_size", "global_batch_size"):
+                if getattr(ph, key) is not None and getattr(ph, key) < 1:
+                    p.append(f"train.phases[{i}].{key} must be >= 1, got {getattr(ph, key)}")
+            if ph.block_size is not None and ph.block_size < 8:
+                p.append(f"train.phases[{i}].block_size must be at least 8, got {ph.block_size}")
+        if t.phases and t.max_tokens:
+            p.append("train.max_tokens does not apply with train.phases (each phase has its steps or tokens)")
         warmups = [k for k, on in (("warmup_steps", t.warmup_steps), ("warmup_ratio", t.warmup_ratio),
                                    ("warmup_tokens", t.warmup_tokens)) if on]
         if len(warmups) > 1:

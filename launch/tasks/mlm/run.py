@@ -31,9 +31,10 @@ def run(cfg: PretrainConfig, info) -> int:
     spec = load_spec(cfg.tokenizer)
     seed_everything(cfg.train.seed)
     hf_model, hf_config = load_mlm(cfg.model, spec, cfg.train.seed)  # same initial weights on every rank
-    check_positions(hf_config, cfg.data.block_size, "data.block_size")
+    check_positions(hf_config, cfg.max_block_size(), "data.block_size / train.phases[].block_size")
     seed_rank(cfg.train.seed, info.rank)  # distinct dropout per rank (restored on resume)
-    p = plan(cfg, info.world_size, hidden_size=hf_config.hidden_size, tokens=cfg.token_budget())
+    p = plan(cfg, info.world_size, hidden_size=hf_config.hidden_size, phases=cfg.phase_specs(),
+             warmup_tokens=cfg.train.warmup_tokens)
     s = sess.open_session(cfg, info, p, max(cfg.data.num_workers, 1))
     task = MLMTask(cfg, info, spec, hf_config, s)
     module = MaskedLM(hf_model, sparse_head=cfg.model.sparse_mlm_head)

@@ -20,7 +20,7 @@ class MLMTask:
     keeps_best = False  # pretraining keeps the newest checkpoints, not a best one
 
     def __init__(self, cfg: PretrainConfig, info, spec, hf_config, session: Session):
-        from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
+        from data.mlm import MLMSettings, initial_states
         from data.sources import file_sizes, resolve_files
         from data.stream import StreamState, replan
 
@@ -57,9 +57,7 @@ class MLMTask:
                 self.rotation = saved["rotation"]
             states = all_states[r * w:(r + 1) * w]
         self.states = list(states)
-        self.dataset = MLMDataset(self.files, self.sizes, spec, self.settings, self.states, self.rotation,
-                                  cache=d.cache)
-        self.loader = make_loader(self.dataset, d.num_workers)
+        self.phase, self.loader = None, None  # set_phase builds the loader before the first batch
         self.batches_seen = 0
         self.replaced = 0
         self.dropped = 0  # tokens of epoch tails dropped by data.last_block=drop (this rank)
@@ -92,12 +90,31 @@ class MLMTask:
                             "lower data.num_workers, use fewer ranks, or add data")
 
     # -- training data -----------------------------------------------------------------------------
+    def set_phase(self, phase) -> None:
+        """Blocks of the phase's length and micro-batches of its size from the consumed position on: the
+        same as a resume at this step with the phase's settings, so a run that crosses a phase boundary
+        and one resumed after it read the same tokens."""
+        from dataclasses import replace
+
+        from data.mlm import MLMDataset, make_loader
+
+        self.phase = phase
+        self.settings = replace(self.settings, block_size=phase.block_size, micro_batch_size=phase.micro)
+        self.rotation, self.batches_seen = (self.rotation + self.batches_seen) % self.workers, 0
+        self.dataset = MLMDataset(self.files, self.sizes, self.spec, self.settings, list(self.states), self.rotation,
+                                  cache=self.cfg.data.cache)
+        self.loader = make_loader(self.dataset, self.cfg.data.num_workers)
+
     def batches(self):
-        for batch in self.loader:
-            if batch["meta"]["n_blocks"] == 0:  # only a dropped epoch tail: keep its position, train nothing
-                self.consumed(batch, None)
-                continue
-            yield batch
+        while True:
+            loader = self.loader
+            for batch in loader:
+                if loader is not self.loader:  # a new phase: batches the old loader prefetched are not trained
+                    break
+                if batch["meta"]["n_blocks"] == 0:  # only a dropped epoch tail: keep its position, train nothing
+                    self.consumed(batch, None)
+                    continue
+                yield batch
 
     def consumed(self, batch, step) -> None:
         meta = batch["meta"]
@@ -152,7 +169,8 @@ class MLMTask:
         epoch = dist.all_reduce([float(min(s["epoch"] for s in self.states))], "min", host=True)[0]
         trained = totals["tokens"]
         return {"epoch": int(epoch), "documents": int(docs), "replaced_bytes": int(replaced),
-                "packing_efficiency": trained / max(trained + dropped, 1)}
+                "packing_efficiency": trained / max(trained + dropped, 1), "phase": self.phase.index,
+                "block_size": self.settings.block_size}
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, engine) -> dict:
