@@ -28,9 +28,11 @@ def _show_plan(cfg, workers: int, problems: list[str], **plan_args) -> tuple[dis
     print(f"steps         {p.total_steps}" + (f" ({p.steps_per_epoch} per epoch)" if p.steps_per_epoch else "")
           + (f" = {_count(sum(ph.global_batch * ph.block_size * (ph.end - ph.start) for ph in p.phases))} "
              "token slots" if plan_args.get("phases") else "")
-          + f", warmup {p.warmup_steps}; lr {cfg.train.lr:g} {p.schedule.kind}"
-          + (f" (decay over the last {p.schedule.decay_ratio:.0%})" if p.schedule.kind == "wsd" else "")
-          + (f", floor {p.schedule.min_ratio:g} x lr" if p.schedule.min_ratio else ""))
+          + f", warmup {p.warmup_steps}; lr {cfg.train.lr:g} {cfg.train.schedule}"
+          + (f" (decay over the last {cfg.train.decay_ratio:.0%})" if cfg.train.schedule == "wsd" else "")
+          + (f", floor {cfg.train.min_lr_ratio:g} x lr" if cfg.train.min_lr_ratio else "")
+          + (f"; time budget {cfg.train.time_budget_h:g} h (the lr follows the time used; max_steps is a cap)"
+             if cfg.train.time_budget_h else ""))
     print(f"precision     {p.precision}; DeepSpeed ZeRO stage {zero_stage(p.ds_config)} ({cfg.deepspeed.config})")
     return info, p
 

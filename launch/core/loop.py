@@ -49,8 +49,10 @@ class Trainer:
         self.spikes = SpikeDetector()
         self.profiler = Profiler(cfg.output_dir, info.is_main) if cfg.log.profile else None
         self.p_tokens = self.p_samples = 0  # this rank's counts not yet in state.tokens/samples
-        self.export_steps = {max(1, round(f * task.total_steps)) for f in cfg.checkpoint.export_at}
+        self.budget_s = (cfg.train.time_budget_h or 0) * 3600
         self.schedule, self.out_of_time = schedule, False  # train.time_budget_h: a TimedSchedule
+        # checkpoint.export_at: fractions of the steps, or of the time budget; those already passed are done
+        self.exports_due = sorted(f for f in cfg.checkpoint.export_at if f > self._progress())
         self._reset_meter()
         self.t_start = time.time()
 
@@ -94,8 +96,8 @@ class Trainer:
         step, cfg = self.state.step, self.cfg
         # one small host collective: all ranks agree on a stop signal and on the elapsed time
         signum, elapsed = dist.all_reduce([float(self.stop_flag.signum), self._elapsed()], "max", host=True)
-        if cfg.train.time_budget_h:
-            self._follow_time(elapsed / (cfg.train.time_budget_h * 3600))
+        if self.budget_s:
+            self._follow_time(elapsed / self.budget_s)
         self.state.bad_micro_batches += bad
         self.state.skipped_steps += bad == self.accum
         self.bad_in_row = self.bad_in_row + 1 if bad else 0
@@ -123,7 +125,8 @@ class Trainer:
             self.evaluate()
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save()
-        if step in self.export_steps and step < self.task.total_steps:
+        if self.exports_due and self._progress(elapsed) >= self.exports_due[0] and not self._at_end():
+            self.exports_due = [f for f in self.exports_due if f > self._progress(elapsed)]
             self.export(self.save())
         if signum:
             return self._stop(EXIT_REQUEUE, f"signal received: checkpoint saved at step {step}; exiting with "
@@ -143,9 +146,9 @@ class Trainer:
         # heartbeat but does not re-arm the watchdog; tasks put single-rank work after their last collective.
         self.heartbeat.pause()
         self.evaluate()
-        if self.cfg.checkpoint.at_end or self.state.step in self.export_steps:
+        if self.cfg.checkpoint.at_end or self.exports_due:
             ckpt = self.save()  # the final checkpoint is also the source of output_dir/final
-            if self.state.step in self.export_steps:
+            if self.exports_due:  # export_at 1.0 (or a fraction the last step jumped past)
                 self.export(ckpt)
         self.task.finish(self)
         self.metrics.close()
@@ -197,6 +200,15 @@ class Trainer:
         return self.saver.save(self.engine, self.state.step, trainer)
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _at_end(self) -> bool:
+        return self.state.step >= self.task.total_steps or self.out_of_time
+
+    def _progress(self, elapsed: float | None = None) -> float:
+        """The fraction of the run done: of the time budget, or of the steps."""
+        if self.budget_s:
+            return (self.state.elapsed_s if elapsed is None else elapsed) / self.budget_s
+        return self.state.step / max(self.task.total_steps, 1)
+
     def _elapsed(self) -> float:
         """Training wall time of this run so far, earlier attempts included (seconds)."""
         return self.state.elapsed_s + time.time() - self.t_start
