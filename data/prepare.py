@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from data.cache import META
+from data.compressed import compression_of, decompressed_size
 from data.sources import file_sizes, partition, resolve_files
 
 
@@ -29,7 +30,8 @@ def _build_shard(job) -> tuple[int, int, int]:
     index, segs, files, spec, opts, out = job
     from data.stream import StreamState, TextStream, text_readers
 
-    readers = text_readers(files, opts["mode"], opts["text_field"], opts["max_chunk_bytes"], opts["errors"])
+    readers = text_readers(files, opts["mode"], opts["text_field"], opts["max_chunk_bytes"], opts["errors"],
+                           whole_compressed=False)  # segments are decompressed byte ranges here
     stream = TextStream(readers, [0] * len(files), spec, block_size=1, last_block="pad",
                         state=StreamState(0, 1, segments=segs), finite=True)
     dtype = np.uint16 if spec.vocab_size <= 1 << 16 else np.uint32
@@ -50,7 +52,9 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
     from data.tokenize import load_spec
 
     files = resolve_files(files)
-    sizes = file_sizes(files)
+    # compressed files count by their decompressed bytes, so they split into shards exactly like the same
+    # text uncompressed (one decompression pass to measure them; each shard then skips to its range)
+    sizes = [decompressed_size(f) if compression_of(f) else n for f, n in zip(files, file_sizes(files))]
     spec = load_spec(tokenizer)
     workers = workers or os.cpu_count() or 1
     n_shards = max(workers, -(-sum(sizes) // shard_bytes))

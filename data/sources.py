@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data.compressed import COMPRESSIONS, CorruptError, compression_of, inner_name, open_bytes
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
@@ -43,9 +45,10 @@ def resolve_files(patterns: list[str]) -> list[str]:
         if not matches:
             raise DataError(f"'{pattern}' matches no file: check the path in data.train_files/eval_files")
         for m in matches:
-            if not m.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+            if not inner_name(m).endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
                 raise DataError(f"{m}: unsupported file type; use .txt (documents separated per "
-                                "data.txt_documents) or .jsonl (one JSON object per line)")
+                                "data.txt_documents) or .jsonl (one JSON object per line), either of them "
+                                f"optionally compressed ({', '.join(COMPRESSIONS)})")
             if m not in out:
                 out.append(m)
     return out
@@ -111,11 +114,21 @@ class Piece:
 
 
 class PieceReader:
-    """Reads one file's pieces for a Segment. Blank-line docs, line docs, or jsonl records."""
+    """Reads one file's pieces for a Segment. Blank-line docs, line docs, or jsonl records.
 
-    def __init__(self, path: str, mode: str, text_field: str, max_chunk_bytes: int, errors: str):
+    A compressed file (data/compressed.py) is read as its decompressed bytes. With `whole_compressed`
+    (training: segments are in compressed bytes) it is one unit: the fresh segment that holds its middle
+    byte reads all of it (the middle, not the first byte, so that files of similar size spread evenly over
+    as many streams), the others read nothing, and a resumed segment reads on from its saved (decompressed)
+    offset; data/stream.py keeps a started unit in one piece when it re-splits. Without it (the token cache
+    build) segments are decompressed byte ranges."""
+
+    def __init__(self, path: str, mode: str, text_field: str, max_chunk_bytes: int, errors: str,
+                 whole_compressed: bool = True):
         self.path, self.mode, self.text_field = path, mode, text_field
-        self.jsonl = path.endswith(JSONL_SUFFIXES)
+        self.jsonl = inner_name(path).endswith(JSONL_SUFFIXES)
+        self.whole = bool(compression_of(path)) and whole_compressed
+        self.middle = os.path.getsize(path) // 2 if self.whole else 0
         self.max_chunk, self.errors = max_chunk_bytes, errors
         self.replaced = 0  # count of undecodable bytes replaced (errors="replace")
 
@@ -184,11 +197,18 @@ class PieceReader:
     # -- documents -------------------------------------------------------------------------------
     def pieces(self, seg: Segment):
         """Yield the pieces of the documents that start in [seg.lo, seg.hi)."""
-        with open(self.path, "rb") as f:
-            if self.jsonl or self.mode == "line":
-                yield from self._line_docs(f, seg)
-            else:
-                yield from self._block_docs(f, seg)
+        if self.whole:
+            if seg.resume is None and not seg.lo <= self.middle < max(seg.hi, 1):
+                return  # the file belongs to the stream whose range holds its middle byte
+            seg = Segment(seg.file, seg.lo, 1 << 62, seg.resume)  # to the end of the decompressed bytes
+        try:
+            with open_bytes(self.path) as f:
+                if self.jsonl or self.mode == "line":
+                    yield from self._line_docs(f, seg)
+                else:
+                    yield from self._block_docs(f, seg)
+        except CorruptError as e:
+            raise DataError(str(e)) from None
 
     def _text_of(self, raw: bytes, pos: int) -> str:
         text = self._decode(raw, pos)
@@ -273,7 +293,7 @@ class PieceReader:
 def _line_number(path: str, offset: int) -> int:
     """1-based line of a byte offset (only computed on the error path)."""
     n, done = 1, 0
-    with open(path, "rb") as f:
+    with open_bytes(path) as f:
         while done < offset:
             chunk = f.read(min(1 << 20, offset - done))
             if not chunk:

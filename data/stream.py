@@ -53,17 +53,20 @@ class StreamState:
             d["seg_idx"], tuple(d["pos"]) if d["pos"] else None,
             [(e, [Segment.from_list(s) for s in segs]) for e, segs in d["pending"]], d["blocks"], d["docs"])
 
-    def remaining(self, sizes: list[int]) -> list[Segment]:
-        """The unread rest of the current epoch, as segments (the current piece pinned by `resume`)."""
+    def remaining(self, sizes: list[int], units: frozenset[int] = frozenset()) -> list[Segment]:
+        """The unread rest of the current epoch, as segments (the current piece pinned by `resume`). A file in
+        `units` (compressed: read whole by one stream) that was started stays one indivisible resume point."""
         segs = self.plan(sizes)[self.seg_idx:]
         if segs and self.pos is not None:
             cur = segs[0]
             off, used, start, doc_off = self.pos
-            segs = [Segment(cur.file, off, max(off, cur.hi), (used, start, doc_off))] + segs[1:]
+            hi = off if cur.file in units else max(off, cur.hi)
+            segs = [Segment(cur.file, off, hi, (used, start, doc_off))] + segs[1:]
         return segs
 
 
-def replan(states: list[StreamState], sizes: list[int], new_n: int) -> list[StreamState]:
+def replan(states: list[StreamState], sizes: list[int], new_n: int, units: frozenset[int] = frozenset()
+           ) -> list[StreamState]:
     """Split all unread work of `states` over `new_n` fresh streams: every document still exactly once.
 
     Streams may be in different epochs: work of each epoch from the lowest to the highest one in flight
@@ -72,7 +75,7 @@ def replan(states: list[StreamState], sizes: list[int], new_n: int) -> list[Stre
     max_epoch = max(s.epoch for s in states)
     work: dict[int, list[Segment]] = defaultdict(list)
     for st in sorted(states, key=lambda s: s.stream):
-        work[st.epoch] += st.remaining(sizes)
+        work[st.epoch] += st.remaining(sizes, units)
         planned = {st.epoch}
         for e, segs in st.pending:
             work[e] += segs
@@ -118,8 +121,9 @@ def empty_streams(readers: list, sizes: list[int], n: int) -> list[int]:
     return empty
 
 
-def text_readers(files: list[str], mode: str, text_field: str, max_chunk_bytes: int, errors: str):
-    return [PieceReader(p, mode, text_field, max_chunk_bytes, errors) for p in files]
+def text_readers(files: list[str], mode: str, text_field: str, max_chunk_bytes: int, errors: str,
+                 whole_compressed: bool = True):
+    return [PieceReader(p, mode, text_field, max_chunk_bytes, errors, whole_compressed) for p in files]
 
 
 class TextStream:

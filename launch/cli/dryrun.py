@@ -92,12 +92,16 @@ def dry_run_pretrain(cfg) -> int:
               f"{_count(ph.global_batch * ph.block_size * (ph.end - ph.start))} token slots; memory "
               + mem[zero_stage(p.ds_config)].strip())
     try:
+        from data.compressed import compression_of
         from data.mlm import MLMDataset, MLMSettings, initial_states
 
         files, sizes, est = _corpus(cfg, spec)
         n = info.world_size * workers
         blocks = est / cfg.data.block_size
-        print(f"data          {len(files)} file(s), {sum(sizes) / 1e6:.1f} MB -> ~{est / 1e6:.2f}M tokens per epoch "
+        packed = sum(1 for f in files if compression_of(f))
+        print(f"data          {len(files)} file(s)"
+              + (f" ({packed} compressed: each read whole by one stream)" if packed else "")
+              + f", {sum(sizes) / 1e6:.1f} MB -> ~{est / 1e6:.2f}M tokens per epoch "
               f"(~{blocks:,.0f} blocks of {cfg.data.block_size}, ~{blocks / p.global_batch:,.0f} steps), "
               f"{n} stream(s)")
         s = MLMSettings.from_config(cfg, micro_batch_size=min(cfg.train.micro_batch_size, 2), audit=False)
@@ -146,16 +150,19 @@ def _corpus(cfg, spec):
 
         files, sizes = shard_names_and_sizes(cfg.data.cache)
         return files, sizes, read_meta(cfg.data.cache)["n_tokens"]
+    from data.compressed import open_bytes
+
     files = resolve_files(cfg.data.train_files)
     sizes = file_sizes(files)
-    sample = b""
-    for f in files:  # tokens per byte from the first 2 MB
-        with open(f, "rb") as fh:
+    sample, stored = b"", 0
+    for f in files:  # tokens per stored (maybe compressed) byte, from the first 2 MB of text
+        with open_bytes(f) as fh:
             sample += fh.read((2 << 20) - len(sample))
+            stored += getattr(fh, "compressed_read", None) or fh.tell()
         if len(sample) >= 2 << 20:
             break
     text = sample.decode("utf-8", errors="replace")
-    ratio = sum(map(len, spec.encode([text]))) / max(len(sample), 1)
+    ratio = sum(map(len, spec.encode([text]))) / max(stored, 1)
     return files, sizes, math.ceil(ratio * sum(sizes))
 
 

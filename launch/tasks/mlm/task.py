@@ -51,7 +51,10 @@ class MLMTask:
                                              "meaningless; restore the files or start a new output_dir"])
             all_states = saved["streams"]
             if session.resized:  # another world size / worker count: re-split the unread rest
-                new = replan([StreamState.from_dict(s) for s in all_states], self.sizes, info.world_size * w)
+                from data.compressed import compression_of
+
+                units = frozenset(i for i, f in enumerate(self.files) if compression_of(f))  # read whole
+                new = replan([StreamState.from_dict(s) for s in all_states], self.sizes, info.world_size * w, units)
                 all_states, self.rotation = [s.to_dict() for s in new], 0
             else:
                 self.rotation = saved["rotation"]
@@ -85,9 +88,15 @@ class MLMTask:
             readers = text_readers(self.files, d.txt_documents, d.text_field, d.max_chunk_bytes, d.encoding_errors)
         empty = empty_streams(readers, self.sizes, n)
         if empty:
+            from data.compressed import compression_of
+
+            packed = sum(1 for f in self.files if compression_of(f))
+            why = (f"compressed files are read whole, one stream each, and {packed} of the {len(self.files)} "
+                   "file(s) are compressed" if packed else "the corpus is too small to split that many ways")
             raise DataError(f"{len(empty)} of {n} data streams (world_size x data.num_workers) would get no "
-                            f"document: the corpus is too small to split that many ways (streams {empty[:8]}); "
-                            "lower data.num_workers, use fewer ranks, or add data")
+                            f"document: {why} (streams {empty[:8]}); lower data.num_workers, use fewer ranks, "
+                            "add data" + (", or build a token cache, which splits compressed files evenly: "
+                                          "python -m launch.tools.prepare" if packed else ""))
 
     # -- training data -----------------------------------------------------------------------------
     def set_phase(self, phase) -> None:
