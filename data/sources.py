@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from data.compressed import COMPRESSIONS, CorruptError, compression_of, inner_name, open_bytes
+from data.parquet import ParquetReader, is_parquet
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -45,10 +46,10 @@ def resolve_files(patterns: list[str]) -> list[str]:
         if not matches:
             raise DataError(f"'{pattern}' matches no file: check the path in data.train_files/eval_files")
         for m in matches:
-            if not inner_name(m).endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
+            if not inner_name(m).endswith(TEXT_SUFFIXES + JSONL_SUFFIXES) and not is_parquet(m):
                 raise DataError(f"{m}: unsupported file type; use .txt (documents separated per "
-                                "data.txt_documents) or .jsonl (one JSON object per line), either of them "
-                                f"optionally compressed ({', '.join(COMPRESSIONS)})")
+                                "data.txt_documents), .jsonl (one JSON object per line), either of them "
+                                f"optionally compressed ({', '.join(COMPRESSIONS)}), or .parquet")
             if m not in out:
                 out.append(m)
     return out
@@ -304,4 +305,5 @@ def _line_number(path: str, offset: int) -> int:
 
 
 def file_sizes(files: list[str]) -> list[int]:
-    return [Path(p).stat().st_size for p in files]
+    """Each file's extent in the sharding byte space: its bytes (Parquet: rows x average bytes per row)."""
+    return [ParquetReader(p, None).virtual_size if is_parquet(p) else Path(p).stat().st_size for p in files]

@@ -123,7 +123,10 @@ def empty_streams(readers: list, sizes: list[int], n: int) -> list[int]:
 
 def text_readers(files: list[str], mode: str, text_field: str, max_chunk_bytes: int, errors: str,
                  whole_compressed: bool = True):
-    return [PieceReader(p, mode, text_field, max_chunk_bytes, errors, whole_compressed) for p in files]
+    from data.parquet import ParquetReader, is_parquet
+
+    return [ParquetReader(p, text_field) if is_parquet(p) else
+            PieceReader(p, mode, text_field, max_chunk_bytes, errors, whole_compressed) for p in files]
 
 
 class TextStream:

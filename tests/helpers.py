@@ -197,11 +197,13 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 def doc_tokens(files, spec):
     """Corpus truth: tokens (with [CLS]/[SEP]) of every document, keyed like the audit's doc ids."""
-    from data.sources import PieceReader, Segment, file_sizes
+    from data.sources import Segment, file_sizes
+    from data.stream import text_readers
 
     out = {}
-    for fi, f in enumerate(files):
-        for p in PieceReader(f, "blank_line", "text", 1 << 20, "strict").pieces(Segment(0, 0, file_sizes([f])[0])):
+    for fi, (reader, size) in enumerate(zip(text_readers(files, "blank_line", "text", 1 << 20, "strict"),
+                                            file_sizes(files))):
+        for p in reader.pieces(Segment(fi, 0, size)):
             key = fi * (1 << 40) + p.doc_offset
             out[key] = out.get(key, 0) + len(spec.encode([p.text])[0]) + p.doc_start + p.doc_end
     return out

@@ -1,5 +1,5 @@
-"""Compressed corpora (.gz, .zst, .bz2, .xz): the same token stream as the plain file, every document once
-over any number of streams, exact resume and re-split, the token cache's shards, and clear errors."""
+"""Compressed corpora (.gz, .zst, .bz2, .xz) and Parquet: the same token stream as the plain file, every
+document once over any number of streams, exact resume and re-split, the token cache, and clear errors."""
 
 import bz2
 import gzip
@@ -136,3 +136,82 @@ def test_token_cache_of_compressed_equals_plain(tmp_path):
                           for s in meta["shards"]]
     assert len(shards["x.txt"]) > 2
     assert shards["x.txt.gz"] == shards["x.txt"] == shards["x.txt.zst"]
+
+
+def parquet_corpus(tmp_path, n=300, row_group=37):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    plain = jsonl_corpus(tmp_path / "p.jsonl", n)
+    texts = [json.loads(x)["text"] for x in plain.read_text().splitlines()]
+    texts[5] = ""  # an empty row is not a document
+    plain.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"id": list(range(n)), "text": texts, "score": [0.5] * n}), path,
+                   row_group_size=row_group)
+    return plain, path
+
+
+def test_parquet_rows_exactly_once_resume_and_resplit(tmp_path, spec):
+    plain, path = parquet_corpus(tmp_path)
+    start = StreamState(0, 1).to_dict()
+    want = [b[0] for b in blocks_of([plain], start, spec, "line")]
+    assert [b[0] for b in blocks_of([path], start, spec, "line")] == want  # several row groups, same tokens
+    truth = Counter()
+    for _, audit, _ in blocks_of([path], start, spec, "line"):
+        for _, doc, k in audit:
+            truth[doc] += k
+    seen, states = Counter(), []
+    for s in range(2):  # 2 streams stop mid row group, then 3 streams take over the rest
+        got = blocks_of([path], StreamState(s, 2).to_dict(), spec, "line", n=20 + 9 * s)
+        for _, audit, _ in got:
+            for _, doc, k in audit:
+                seen[doc] += k
+        states.append(StreamState.from_dict(got[-1][2]))
+    full = blocks_of([path], StreamState(1, 2).to_dict(), spec, "line")
+    assert [b[0] for b in blocks_of([path], states[1].to_dict(), spec, "line")] == [b[0] for b in full[29:]]
+    for new in replan(states, file_sizes([str(path)]), 3):
+        for _, audit, _ in blocks_of([path], new.to_dict(), spec, "line"):
+            for _, doc, k in audit:
+                seen[doc] += k
+    assert seen == truth
+
+
+def test_bad_parquet_input_is_named(tmp_path, spec):
+    _, path = parquet_corpus(tmp_path, n=20)
+    with pytest.raises(DataError, match=r"p.parquet: no column 'txt' \(data.text_field\); did you mean 'text'\? "
+                                        r"The columns are: id, text, score"):
+        text_readers([str(path)], "line", "txt", 1 << 20, "strict")
+    with pytest.raises(DataError, match="column 'score' holds double, not text"):
+        text_readers([str(path)], "line", "score", 1 << 20, "strict")
+    (tmp_path / "broken.parquet").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
+        file_sizes([str(tmp_path / "broken.parquet")])
+
+
+@pytest.mark.slow
+def test_two_ranks_kill_resume_and_resize_on_gzip_and_parquet(tmp_path, tiny_config, spec):
+    """2 CPU ranks on a .txt.gz + a .parquet: SIGKILL and resume is bit-identical; killed again and resumed
+    on 3 ranks, every document of every finished epoch is trained exactly once (audit)."""
+    from tests.helpers import audited_tokens, compare, doc_tokens, run, run_and_kill
+
+    gz = compressed_copy(make_corpus(tmp_path / "a.txt", 20, seed=4), ".gz")
+    plain, pq_file = parquet_corpus(tmp_path, n=40, row_group=7)
+    files = [str(gz), str(pq_file)]
+    cfg = tiny_config("pretrain", {"data.train_files": files, "data.num_workers": 1, "data.block_size": 32,
+                                   "train.micro_batch_size": 2, "train.global_batch_size": 12, "train.max_steps": 20,
+                                   "checkpoint.every": 4, "data.audit": True, "train.warmup_steps": 0})
+    straight, killed, resized = tmp_path / "straight", tmp_path / "killed", tmp_path / "resized"
+    run("pretrain", 2, cfg, [f"output_dir={straight}"])
+    assert run_and_kill("pretrain", 2, cfg, [f"output_dir={killed}"], killed, 9) >= 9
+    run("pretrain", 2, cfg, [f"output_dir={killed}"])
+    assert compare(straight, killed) == []
+    assert run_and_kill("pretrain", 2, cfg, [f"output_dir={resized}"], resized, 9) >= 9
+    assert "resized from 2 rank(s)" in run("pretrain", 3, cfg, [f"output_dir={resized}"]).stdout
+    truth = doc_tokens(files, spec)
+    trainer = json.loads(sorted((resized / "checkpoints").glob("step_*/trainer.json"))[-1].read_text())
+    done = min(s["epoch"] for s in trainer["streams"])
+    assert done >= 1
+    seen = audited_tokens(resized)
+    for epoch in range(done):
+        assert {d: n for (e, d), n in seen.items() if e == epoch} == truth, epoch
