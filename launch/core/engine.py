@@ -134,6 +134,12 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
         model=module, model_parameters=None if optimizer else groups, optimizer=optimizer,
         config=ds_config, lr_scheduler=lr_schedule)
     _keep_fp32_clip_norm(engine)
+    if engine.dp_world_size == 1 and not zero_stage(ds_config) and not (engine.bfloat16_enabled() or
+                                                                      engine.fp16_enabled()):
+        # One rank, no ZeRO, fp32: DeepSpeed would still flatten every gradient into buckets, "all-reduce" them
+        # with itself, divide by 1 and copy them back each step (MiniLM on 2 CPU cores: 0.05 s of a 0.3 s
+        # step). The result is the identity, so skipping it changes no bit.
+        engine.enable_backward_allreduce = False
     return engine, optimizer, scheduler
 
 
