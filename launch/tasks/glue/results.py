@@ -14,7 +14,7 @@ import os
 import zipfile
 from pathlib import Path
 
-from data.glue import GlueTask
+from data.glue import TASKS, GlueTask
 from launch.tasks.glue.runner import Outcome
 from launch.tasks.glue.suite import Run
 
@@ -27,6 +27,11 @@ REFERENCE = {"bert-base-uncased": {
     "WNLI": {"accuracy": 56.34}}}
 REFERENCE_SOURCE = ("Hugging Face transformers, examples/pytorch/text-classification/README.md (bert-base-uncased, "
                     "dev sets, batch 32, lr 2e-5, 3 epochs; MRPC and WNLI 5)")
+
+
+def in_glue_order(runs: list[Run]) -> list[GlueTask]:
+    """The runs' tasks in the benchmark's own order (the runs themselves go largest first)."""
+    return sorted({id(r.task): r.task for r in runs}.values(), key=lambda t: list(TASKS).index(t.name))
 
 
 def reference_for(setting: str, pretrained: str | None) -> str | None:
@@ -53,7 +58,7 @@ def seed_scores(run: Run) -> dict[str, float] | None:
 
 def collect(runs: list[Run], outcomes: dict[str, Outcome], reference: str | None) -> dict:
     tasks: dict[str, dict] = {}
-    for task in dict.fromkeys(r.task for r in runs):
+    for task in in_glue_order(runs):
         mine = [r for r in runs if r.task is task]
         scores = {r.seed: seed_scores(r) for r in mine}
         entry: dict = {"seeds": [s for s, v in scores.items() if v is not None], "failed": {
@@ -143,7 +148,7 @@ def submission(runs: list[Run], results: dict, out: Path) -> list[str]:
 def write(runs: list[Run], outcomes: dict[str, Outcome], out: Path, reference: str | None, title: str) -> dict:
     results = collect(runs, outcomes, reference)
     results["submission"] = submission(runs, results, out)
-    tasks = list(dict.fromkeys(r.task for r in runs))
+    tasks = in_glue_order(runs)
     for name, text in (("glue_results.json", json.dumps(results, indent=1)),
                        ("glue_results.md", markdown(results, tasks, title))):
         (out / (name + ".part")).write_text(text)
