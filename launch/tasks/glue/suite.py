@@ -102,7 +102,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def finetune_dict(cfg: GlueConfig, run: Run) -> dict:
     """The run's fine-tuning config as plain data: shared sections, the task's tables and columns, the
-    seed, then glue.overrides.<task> on top."""
+    seed, the task's own defaults (data/glue.py), then glue.overrides.<task> on top."""
     d = configlib.to_dict(cfg)
     ft = {k: copy.deepcopy(d[k]) for k in SHARED} | {"output_dir": str(run.out), "task": _task_section(cfg, run.task)}
     ft["train"]["seed"] = run.seed
@@ -114,7 +114,7 @@ def finetune_dict(cfg: GlueConfig, run: Run) -> dict:
         ft["model"] = {**ft["model"], "preset": None,
                        "pretrained": str(Path(cfg.output_dir) / "MNLI" / f"seed_{run.seed}" / "final")}
     over = next((v for k, v in cfg.glue.overrides.items() if lookup(k) is run.task), {})
-    return _merge(ft, copy.deepcopy(over))
+    return _merge(_merge(ft, copy.deepcopy(run.task.defaults)), copy.deepcopy(over))
 
 
 def finetune_config(cfg: GlueConfig, run: Run, validate: bool = True) -> FinetuneConfig:
