@@ -190,28 +190,18 @@ def test_bad_parquet_input_is_named(tmp_path, spec):
 
 
 @pytest.mark.slow
-def test_two_ranks_kill_resume_and_resize_on_gzip_and_parquet(tmp_path, tiny_config, spec):
-    """2 CPU ranks on a .txt.gz + a .parquet: SIGKILL and resume is bit-identical; killed again and resumed
-    on 3 ranks, every document of every finished epoch is trained exactly once (audit)."""
-    from tests.helpers import audited_tokens, compare, doc_tokens, run, run_and_kill
+def test_two_ranks_kill_and_resume_on_gzip_and_parquet(tmp_path, tiny_config):
+    """2 CPU ranks on a .txt.gz + a .parquet: SIGKILL and resume is bit-identical (losses and weights).
+    (Re-splitting at another world size is covered stream by stream above, for both kinds.)"""
+    from tests.helpers import compare, run, run_and_kill
 
     gz = compressed_copy(make_corpus(tmp_path / "a.txt", 20, seed=4), ".gz")
-    plain, pq_file = parquet_corpus(tmp_path, n=40, row_group=7)
-    files = [str(gz), str(pq_file)]
-    cfg = tiny_config("pretrain", {"data.train_files": files, "data.num_workers": 1, "data.block_size": 32,
-                                   "train.micro_batch_size": 2, "train.global_batch_size": 12, "train.max_steps": 20,
-                                   "checkpoint.every": 4, "data.audit": True, "train.warmup_steps": 0})
-    straight, killed, resized = tmp_path / "straight", tmp_path / "killed", tmp_path / "resized"
+    _, pq_file = parquet_corpus(tmp_path, n=40, row_group=7)
+    cfg = tiny_config("pretrain", {"data.train_files": [str(gz), str(pq_file)], "data.num_workers": 1,
+                                   "data.block_size": 32, "train.micro_batch_size": 2, "train.global_batch_size": 12,
+                                   "train.max_steps": 16, "checkpoint.every": 4, "train.warmup_steps": 0})
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
     run("pretrain", 2, cfg, [f"output_dir={straight}"])
     assert run_and_kill("pretrain", 2, cfg, [f"output_dir={killed}"], killed, 9) >= 9
-    run("pretrain", 2, cfg, [f"output_dir={killed}"])
+    assert "resumed from" in run("pretrain", 2, cfg, [f"output_dir={killed}"]).stdout
     assert compare(straight, killed) == []
-    assert run_and_kill("pretrain", 2, cfg, [f"output_dir={resized}"], resized, 9) >= 9
-    assert "resized from 2 rank(s)" in run("pretrain", 3, cfg, [f"output_dir={resized}"]).stdout
-    truth = doc_tokens(files, spec)
-    trainer = json.loads(sorted((resized / "checkpoints").glob("step_*/trainer.json"))[-1].read_text())
-    done = min(s["epoch"] for s in trainer["streams"])
-    assert done >= 1
-    seen = audited_tokens(resized)
-    for epoch in range(done):
-        assert {d: n for (e, d), n in seen.items() if e == epoch} == truth, epoch
