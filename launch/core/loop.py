@@ -16,7 +16,7 @@ import torch
 
 from launch.core import dist
 from launch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
-from launch.core.plan import Phase
+from launch.core.plan import Phase, phase_at
 from launch.core.probes import FaultInjection, Profiler, SpikeDetector
 from launch.core.task import Task
 from launch.core.watchdog import Heartbeat
@@ -225,7 +225,7 @@ class Trainer:
     def _enter_phase(self) -> None:
         """At the first step of a phase (and at the start of a run): the task switches its data to the
         phase's block size and micro-batch from its current position; DeepSpeed's batch arithmetic follows."""
-        ph = next((p for p in self.phases if self.state.step < p.end), self.phases[-1])
+        ph = phase_at(self.phases, self.state.step)
         if ph is self.phase:
             return
         self.phase, self.accum = ph, ph.accum

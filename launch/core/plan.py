@@ -50,8 +50,12 @@ class Plan:
 
 
     def phase_at(self, step: int) -> Phase:
-        """The phase of the step after `step` steps are done (the last phase once the run is over)."""
-        return next((ph for ph in self.phases if step < ph.end), self.phases[-1])
+        return phase_at(self.phases, step)
+
+
+def phase_at(phases: tuple[Phase, ...], step: int) -> Phase:
+    """The phase of the step after `step` steps are done (the last phase once the run is over)."""
+    return next((ph for ph in phases if step < ph.end), phases[-1])
 
 
 def batch_arithmetic(micro: int, global_batch: int | None, world_size: int, where: str = "train"
