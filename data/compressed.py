@@ -37,7 +37,9 @@ class _Counting:
     """The compressed file, counting the bytes the decompressor has taken (for ratio estimates)."""
 
     def __init__(self, path: str):
-        self.f, self.n = open(path, "rb"), 0
+        from data.storage import open_binary
+
+        self.f, self.n = open_binary(path), 0
 
     def read(self, n: int = -1) -> bytes:
         out = self.f.read(n)
@@ -185,7 +187,9 @@ class Window:
 def open_bytes(path: str):
     """A binary file object over the (decompressed) bytes of `path`."""
     kind = compression_of(path)
-    return Window(path, kind) if kind else open(path, "rb")
+    from data.storage import open_binary
+
+    return Window(path, kind) if kind else open_binary(path)
 
 
 def decompressed_size(path: str) -> int:

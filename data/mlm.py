@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.mask import block_keys, mask_tokens_rows
+from data.mixture import MixtureState, MixtureStream, Source
 from data.stream import Block, StreamState, TextStream, text_readers
 
 
@@ -86,14 +87,20 @@ def collate_blocks(blocks: list[Block], spec, s: MLMSettings, state: dict | None
 
 class MLMDataset(IterableDataset):
     def __init__(self, files, sizes, spec, settings: MLMSettings, states: list[dict], rotation: int = 0,
-                 finite: bool = False, cache: str | None = None):
-        """files/sizes: the text corpus (bytes), or with `cache`: the token cache's shards (tokens)."""
+                 finite: bool = False, cache: str | None = None, sources: list[Source] | None = None):
+        """files/sizes: the text corpus (bytes), or with `cache`: the token cache's shards (tokens), or with
+        `sources`: a weighted mixture (data/mixture.py; files/sizes unused, states are MixtureStates)."""
         super().__init__()
         self.files, self.sizes, self.spec, self.s, self.cache = files, sizes, spec, settings, cache
+        self.sources = sources
         self.states, self.rotation, self.finite = states, rotation, finite
 
-    def stream_for(self, state: dict) -> TextStream:
+    def stream_for(self, state: dict) -> TextStream | MixtureStream:
         s = self.s
+        if self.sources:
+            return MixtureStream(self.sources, self.spec, block_size=s.block_size, last_block=s.last_block,
+                                 state=MixtureState.from_dict(state), seed=s.seed, max_chunk_bytes=s.max_chunk_bytes,
+                                 errors=s.encoding_errors, audit=s.audit)
         if self.cache is not None:
             from data.cache import cache_readers
 
@@ -129,8 +136,10 @@ class MLMDataset(IterableDataset):
         return batch
 
 
-def initial_states(rank: int, world_size: int, workers: int) -> list[dict]:
+def initial_states(rank: int, world_size: int, workers: int, sources: list[Source] | None = None) -> list[dict]:
     n = world_size * workers
+    if sources:
+        return [MixtureState.fresh(rank * workers + w, n, sources).to_dict() for w in range(workers)]
     return [StreamState(rank * workers + w, n).to_dict() for w in range(workers)]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 
 
 def is_parquet(path: str) -> bool:
@@ -26,10 +25,14 @@ class ParquetReader:
         import pyarrow.parquet as pq
 
         from data.sources import DataError
+        from data.storage import StorageError, open_binary, size
 
         self.path, self.text_field = path, text_field
         try:
-            self.meta = pq.ParquetFile(path).metadata
+            with open_binary(path) as f:
+                self.meta = pq.ParquetFile(f).metadata
+        except StorageError as e:
+            raise DataError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
         schema = self.meta.schema.to_arrow_schema()
@@ -43,7 +46,7 @@ class ParquetReader:
             raise DataError(f"{path}: column '{text_field}' holds {kind}, not text; point data.text_field at a "
                             "string column")
         self.rows = self.meta.num_rows
-        self.per_row = max(1, math.ceil(os.path.getsize(path) / max(self.rows, 1)))
+        self.per_row = max(1, math.ceil(size(path) / max(self.rows, 1)))
         self.starts = [0]
         for i in range(self.meta.num_row_groups):
             self.starts.append(self.starts[-1] + self.meta.row_group(i).num_rows)
@@ -56,14 +59,19 @@ class ParquetReader:
     def pieces(self, seg):
         import pyarrow.parquet as pq
 
-        from data.sources import Piece
+        from data.storage import open_binary
 
         b = self.per_row
         first = seg.lo // b if seg.resume is not None else -(-seg.lo // b)  # a resume points at its row
         last = -(-seg.hi // b)  # rows whose offset r x b < hi
         if seg.resume is not None:
             last = max(last, first + 1)
-        f = pq.ParquetFile(self.path)
+        with open_binary(self.path) as fh:
+            yield from self._rows(pq.ParquetFile(fh), first, last, b)
+
+    def _rows(self, f, first: int, last: int, b: int):
+        from data.sources import Piece
+
         for g in range(self.meta.num_row_groups):
             lo, hi = max(first, self.starts[g]), min(last, self.starts[g + 1])
             if lo >= hi:

@@ -13,16 +13,14 @@ stream's position is (file, piece offset, tokens of that piece already used), so
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from data.compressed import COMPRESSIONS, CorruptError, compression_of, inner_name, open_bytes
 from data.parquet import ParquetReader, is_parquet
+from data.storage import StorageError, expand, size
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -41,8 +39,10 @@ def resolve_files(patterns: list[str]) -> list[str]:
         if pattern.startswith("embedded:"):
             matches = [resolve_embedded(pattern)]
         else:
-            matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
-        matches = [m for m in matches if os.path.isfile(m)]
+            try:
+                matches = expand(pattern)
+            except StorageError as e:
+                raise DataError(str(e)) from None
         if not matches:
             raise DataError(f"'{pattern}' matches no file: check the path in data.train_files/eval_files")
         for m in matches:
@@ -129,7 +129,7 @@ class PieceReader:
         self.path, self.mode, self.text_field = path, mode, text_field
         self.jsonl = inner_name(path).endswith(JSONL_SUFFIXES)
         self.whole = bool(compression_of(path)) and whole_compressed
-        self.middle = os.path.getsize(path) // 2 if self.whole else 0
+        self.middle = size(path) // 2 if self.whole else 0
         self.max_chunk, self.errors = max_chunk_bytes, errors
         self.replaced = 0  # count of undecodable bytes replaced (errors="replace")
 
@@ -306,4 +306,7 @@ def _line_number(path: str, offset: int) -> int:
 
 def file_sizes(files: list[str]) -> list[int]:
     """Each file's extent in the sharding byte space: its bytes (Parquet: rows x average bytes per row)."""
-    return [ParquetReader(p, None).virtual_size if is_parquet(p) else Path(p).stat().st_size for p in files]
+    try:
+        return [ParquetReader(p, None).virtual_size if is_parquet(p) else size(p) for p in files]
+    except StorageError as e:
+        raise DataError(str(e)) from None

@@ -134,8 +134,10 @@ class TextStream:
     to tokenize (data.sources.PieceReader) or ready tokens (data.cache.CacheReader)."""
 
     def __init__(self, readers: list, sizes: list[int], spec, *, block_size: int, last_block: str,
-                 state: StreamState, finite: bool = False, audit: bool = False):
-        self.readers, self.sizes, self.spec = readers, sizes, spec
+                 state: StreamState, finite: bool = False, audit: bool = False, file_base: int = 0):
+        """file_base: added to file indexes in block positions and document ids, so that the sources of a
+        mixture (data/mixture.py), each with its own files 0..n-1, give distinct mask keys and ids."""
+        self.readers, self.sizes, self.spec, self.base = readers, sizes, spec, file_base
         self.block_size, self.last_block = block_size, last_block
         self.state, self.finite, self.audit = copy.deepcopy(state), finite, audit
         # at most this many blocks per yielded Block: >1 lets a token-cache piece give a whole run of
@@ -184,7 +186,7 @@ class TextStream:
             flat = np.insert(flat, where[keep], marks[keep])
             edges = np.concatenate([[0], np.cumsum(n + starts + ends)]).tolist()
             for k, (i, p, skip) in enumerate(batch):
-                doc_id = segs[i].file * (1 << 40) + p.doc_offset
+                doc_id = (self.base + segs[i].file) * (1 << 40) + p.doc_offset
                 yield PieceTokens(i, p.offset, p.doc_start, flat[edges[k]:edges[k + 1]], skip, p.doc_offset, doc_id)
 
         for item in self._pieces(st, segs):
@@ -227,7 +229,8 @@ class TextStream:
             # end of this stream's epoch: the one short block, then the next epoch's plan
             start, audit = packer.position(), ([] if self.audit else None)
             tail = packer.take(audit=audit) if packer.available else None
-            where = (st.epoch, segs[start[0]].file, start[1], start[2]) if start else (st.epoch, 0, 0, 0)
+            where = ((st.epoch, self.base + segs[start[0]].file, start[1], start[2]) if start
+                     else (st.epoch, self.base, 0, 0))
             audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
             self._next_epoch(st)
             if tail is not None and self.last_block == "pad":
@@ -246,14 +249,14 @@ class TextStream:
         if pos is not None:
             st.seg_idx, st.pos = pos[0], tuple(pos[1:])
         audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
-        return Block(tokens, (st.epoch, segs[seg_i].file, off, used), audit)
+        return Block(tokens, (st.epoch, self.base + segs[seg_i].file, off, used), audit)
 
     def _emit_run(self, st: StreamState, segs, packer: Packer, k: int) -> Block:
         """k full blocks from the first carry record; the state moves as after k `_emit`s."""
         seg_i, off, used, _, _ = packer.position()
         tokens = packer.take_run(k)
         where = np.empty((k, 4), dtype=np.int64)
-        where[:, 0], where[:, 1], where[:, 2] = st.epoch, segs[seg_i].file, off
+        where[:, 0], where[:, 1], where[:, 2] = st.epoch, self.base + segs[seg_i].file, off
         where[:, 3] = used + self.block_size * np.arange(k)
         pos = packer.position()
         st.blocks += k

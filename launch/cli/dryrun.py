@@ -9,9 +9,11 @@ from __future__ import annotations
 import math
 import sys
 
+from data.sources import file_sizes, resolve_files
 from launch.core import dist
 from launch.core.engine import zero_stage
 from launch.core.plan import Plan, make_plan
+from launch.tasks.mlm.config import use_storage
 
 GIB = 1 << 30
 
@@ -63,12 +65,11 @@ def _finish(problems: list[str]) -> int:
 
 
 def dry_run_pretrain(cfg) -> int:
-    import numpy as np
-
     from data.tokenize import load_hf_tokenizer, load_spec
 
     problems: list[str] = []
     workers = max(cfg.data.num_workers, 1)
+    use_storage(cfg.data)
     try:
         spec, tok = load_spec(cfg.tokenizer), load_hf_tokenizer(cfg.tokenizer)
         model_cfg, params = _model_meta(cfg, spec, problems)
@@ -92,28 +93,54 @@ def dry_run_pretrain(cfg) -> int:
               f"{_count(ph.global_batch * ph.block_size * (ph.end - ph.start))} token slots; memory "
               + mem[zero_stage(p.ds_config)].strip())
     try:
-        from data.compressed import compression_of
-        from data.mlm import MLMDataset, MLMSettings, initial_states
-
-        files, sizes, est = _corpus(cfg, spec)
-        n = info.world_size * workers
-        blocks = est / cfg.data.block_size
-        packed = sum(1 for f in files if compression_of(f))
-        print(f"data          {len(files)} file(s)"
-              + (f" ({packed} compressed: each read whole by one stream)" if packed else "")
-              + f", {sum(sizes) / 1e6:.1f} MB -> ~{est / 1e6:.2f}M tokens per epoch "
-              f"(~{blocks:,.0f} blocks of {cfg.data.block_size}, ~{blocks / p.global_batch:,.0f} steps), "
-              f"{n} stream(s)")
-        s = MLMSettings.from_config(cfg, micro_batch_size=min(cfg.train.micro_batch_size, 2), audit=False)
-        batch = next(iter(MLMDataset(files, sizes, spec, s, initial_states(0, 1, 1), cache=cfg.data.cache)))
-        ids, labels = batch["input_ids"][0].numpy(), batch["labels"][0].numpy()
-        print(f"one block     input ({int((labels != -100).sum())} of {len(ids)} tokens masked):\n  "
-              + tok.decode(ids.tolist())[:600])
-        shown = np.where(labels != -100, labels, spec.pad_id)
-        print("  targets: " + " ".join(tok.convert_ids_to_tokens([int(t) for t in shown if t != spec.pad_id]))[:300])
+        _show_data(cfg, spec, tok, info.world_size * workers, p)
     except (OSError, ValueError) as e:
         problems.append(str(e))
     return _finish(problems)
+
+
+def _show_data(cfg, spec, tok, n_streams: int, p) -> None:
+    """Per source: kind, files, bytes or rows, estimated tokens, weight, share and epochs in this run; then
+    one masked block, read through the real loader."""
+    import numpy as np
+
+    from data.mlm import MLMDataset, MLMSettings, initial_states
+    from launch.tasks.mlm.task import mixture_sources
+
+    d = cfg.data
+    slots = sum(ph.global_batch * ph.block_size * (ph.end - ph.start) for ph in p.phases)
+    sources = mixture_sources(d) if d.sources else None
+    if d.cache:
+        from data.cache import read_meta, shard_names_and_sizes
+
+        files, sizes = shard_names_and_sizes(d.cache)
+        est = read_meta(d.cache)["n_tokens"]
+        print(f"data          token cache {d.cache}: {len(files)} shard(s), {est / 1e6:.2f}M tokens, "
+              f"~{slots / max(est, 1):.2f} epoch(s) in this run, {n_streams} stream(s)")
+    elif sources:
+        files, sizes = [], []
+        total_w = sum(src.weight for src in sources)
+        print(f"data          a mixture of {len(sources)} sources, {n_streams} stream(s) each:")
+        for src in sources:
+            kind, size, est = _describe(src.files, src.sizes, spec, src.text_field)
+            share = src.weight / total_w
+            print(f"  {src.name:<12}{kind}, {len(src.files)} file(s), {size}, ~{est / 1e6:.2f}M tokens; weight "
+                  f"{src.weight:g} -> {share:.1%} of blocks, ~{share * slots / max(est, 1):.2f} epoch(s) in this run")
+    else:
+        files = resolve_files(d.train_files)
+        sizes = file_sizes(files)
+        kind, size, est = _describe(files, sizes, spec, d.text_field)
+        print(f"data          {kind}, {len(files)} file(s), {size} -> ~{est / 1e6:.2f}M tokens per epoch "
+              f"(~{est / d.block_size:,.0f} blocks of {d.block_size}), ~{slots / max(est, 1):.2f} epoch(s) in this "
+              f"run, {n_streams} stream(s)")
+    s = MLMSettings.from_config(cfg, micro_batch_size=min(cfg.train.micro_batch_size, 2), audit=False)
+    batch = next(iter(MLMDataset(files, sizes, spec, s, initial_states(0, 1, 1, sources), cache=d.cache,
+                                 sources=sources)))
+    ids, labels = batch["input_ids"][0].numpy(), batch["labels"][0].numpy()
+    print(f"one block     input ({int((labels != -100).sum())} of {len(ids)} tokens masked):\n  "
+          + tok.decode(ids.tolist())[:600])
+    shown = np.where(labels != -100, labels, spec.pad_id)
+    print("  targets: " + " ".join(tok.convert_ids_to_tokens([int(t) for t in shown if t != spec.pad_id]))[:300])
 
 
 def _model_meta(cfg, spec, problems):
@@ -142,28 +169,69 @@ def _model_meta(cfg, spec, problems):
     return mc, params
 
 
-def _corpus(cfg, spec):
-    from data.sources import file_sizes, resolve_files
+def _describe(files: list[str], sizes: list[int], spec, text_field: str) -> tuple[str, str, int]:
+    """(kinds, size, estimated tokens) of a set of corpus files. Tokens per stored byte (text, maybe
+    compressed) or per row (Parquet, counted from its metadata) are measured on up to 2 MB of text."""
+    from collections import Counter
 
-    if cfg.data.cache:
-        from data.cache import read_meta, shard_names_and_sizes
+    from data.compressed import compression_of, inner_name, open_bytes
+    from data.parquet import ParquetReader, is_parquet
 
-        files, sizes = shard_names_and_sizes(cfg.data.cache)
-        return files, sizes, read_meta(cfg.data.cache)["n_tokens"]
-    from data.compressed import open_bytes
+    kinds = Counter(".".join(f.rsplit("/", 1)[-1].split(".")[-2 if compression_of(f) else -1:]) for f in files)
+    kind = ", ".join(f"{k}" + (f" x{n}" if len(kinds) > 1 else "") for k, n in kinds.items())
+    pq_files = [f for f in files if is_parquet(f)]
+    text_bytes = sum(n for f, n in zip(files, sizes) if not is_parquet(f))
+    rows, est = 0, 0
+    if pq_files:
+        readers = [ParquetReader(f, text_field) for f in pq_files]
+        rows = sum(r.rows for r in readers)
+        sample, n_rows = [], 0
+        for r in readers:
+            for piece in r.pieces(_first_rows(r)):
+                sample.append(piece.text)
+                n_rows += 1
+                if sum(map(len, sample)) >= 2 << 20:
+                    break
+        per_row = sum(map(len, spec.encode(sample))) / max(n_rows, 1) + 2 if sample else 0
+        est += math.ceil(per_row * rows)
+    if text_bytes:
+        sample, stored = b"", 0
+        for f in (f for f in files if not is_parquet(f)):
+            with open_bytes(f) as fh:
+                sample += fh.read((2 << 20) - len(sample))
+                stored += getattr(fh, "compressed_read", None) or fh.tell()
+            if len(sample) >= 2 << 20:
+                break
+        text = sample.decode("utf-8", errors="replace")
+        if any(inner_name(f).endswith((".jsonl", ".json", ".ndjson")) for f in files):
+            text = "\n".join(_jsonl_texts(text, text_field))
+        est += math.ceil(sum(map(len, spec.encode([text]))) / max(stored, 1) * text_bytes)
+    size = (f"{text_bytes / 1e6:.1f} MB" if text_bytes else "") + (", " if text_bytes and rows else "") \
+        + (f"{rows:,} rows" if rows else "")
+    packed = sum(1 for f in files if compression_of(f))
+    if packed:
+        size += f" ({packed} compressed: each read whole by one stream)"
+    return kind, size, est
 
-    files = resolve_files(cfg.data.train_files)
-    sizes = file_sizes(files)
-    sample, stored = b"", 0
-    for f in files:  # tokens per stored (maybe compressed) byte, from the first 2 MB of text
-        with open_bytes(f) as fh:
-            sample += fh.read((2 << 20) - len(sample))
-            stored += getattr(fh, "compressed_read", None) or fh.tell()
-        if len(sample) >= 2 << 20:
-            break
-    text = sample.decode("utf-8", errors="replace")
-    ratio = sum(map(len, spec.encode([text]))) / max(stored, 1)
-    return files, sizes, math.ceil(ratio * sum(sizes))
+
+def _first_rows(reader):
+    from data.sources import Segment
+
+    return Segment(0, 0, reader.per_row * min(reader.rows, 10_000))
+
+
+def _jsonl_texts(text: str, field: str) -> list[str]:
+    import json
+
+    out = []
+    for line in text.splitlines()[:-1]:  # the last line may be cut by the sample
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get(field), str):
+            out.append(rec[field])
+    return out
 
 
 def dry_run_finetune(cfg) -> int:

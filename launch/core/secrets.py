@@ -14,6 +14,8 @@ SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "auth", "credent
 
 def looks_secret(key: str, value) -> bool:
     k = key.lower()
+    if "storage_options." in k:  # fsspec options: endpoints, keys, tokens and profiles alike, all withheld
+        return True
     if any(w in k for w in SECRET_WORDS) and not k.endswith(("tokenizer", "tokens", "_tokens")):
         return True
     return isinstance(value, str) and _secret_value(value)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from data.storage import is_remote
 from launch.core.config import (
     CheckpointConfig,
     DeepSpeedConfig,
@@ -21,11 +22,37 @@ from launch.core.plan import PhaseSpec
 
 
 @dataclass
+class SourceConfig:
+    name: str = REQUIRED
+    """Short name: the key of tokens_by_source / epoch_by_source in metrics.jsonl and of eval_loss/<name>."""
+    files: list[str] = field(default_factory=list)
+    """Paths, globs or URLs of this source's files (same formats as data.train_files)."""
+    weight: float = 1.0
+    """Relative share of blocks drawn from this source (normalised over all sources; > 0)."""
+    text_field: str | None = None
+    """Text field of its .jsonl/.parquet files (None: data.text_field)."""
+    txt_documents: Literal["blank_line", "line"] | None = None
+    """Document split of its .txt files (None: data.txt_documents)."""
+    eval_files: list[str] = field(default_factory=list)
+    """Held-out files of this source, evaluated on their own as eval_loss/<name>."""
+
+
+@dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Paths or globs of .txt / .jsonl files (or `embedded:pydoc`, text that ships with Python)."""
+    """Paths, globs or fsspec URLs (s3://, gs://, https://, hf://datasets/...) of .txt / .jsonl files, plain
+    or compressed (.gz/.zst/.bz2/.xz), or .parquet; or `embedded:pydoc` (text that ships with Python)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of train_files: [{name, files, weight}, ...]. Each block comes from one
+    source, chosen by a deterministic function of (seed, block index), so the shares hold at any world size;
+    each source is sharded, read and re-read (epochs) on its own."""
     eval_files: list[str] = field(default_factory=list)
     """Held-out files, same formats; evaluated in full every eval.every steps."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """Passed to fsspec for remote files, e.g. {endpoint_url: ..., key: ..., secret: ...} for S3 (default:
+    the standard environment: AWS_*, GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN). Redacted in config.yaml."""
+    io_retries: int = 5
+    """Attempts for a remote read that fails with a transient network error (backoff 1, 2, 4, ... s)."""
     txt_documents: Literal["blank_line", "line"] = "blank_line"
     """How .txt files split into documents: blank_line = a run of non-empty lines separated by one or
     more blank lines (WikiText paragraphs, books); line = every non-empty line is a document."""
@@ -49,6 +76,13 @@ class DataConfig:
     """Longer lines are read and tokenized in pieces of at most this many bytes, cut at whitespace."""
     audit: bool = False
     """Record which document tokens every trained block held (output_dir/audit/), for exactly-once checks."""
+
+
+def use_storage(d: DataConfig) -> None:
+    """Hand data.storage_options / io_retries to data/storage.py for this process (and its forked workers)."""
+    from data.storage import configure
+
+    configure(d.storage_options, d.io_retries)
 
 
 @dataclass
@@ -116,14 +150,29 @@ class PretrainConfig:
     def validate(self) -> list[str]:
         p = validate_common(self)
         d = self.data
-        if not (d.train_files or d.cache):
-            p.append("no training data: set data.train_files (paths or globs of .txt/.jsonl) or data.cache "
-                     "(a token cache from python -m launch.tools.prepare)")
-        for key in ("train_files", "eval_files"):
-            for pattern in getattr(d, key) or []:
-                if pattern and not pattern.startswith("embedded:") and not glob.glob(pattern):
-                    p.append(f"data.{key}: '{pattern}' matches no file (check the path; globs like "
-                             "'corpus/*.txt' are allowed)")
+        if not (d.train_files or d.cache or d.sources):
+            p.append("no training data: set data.train_files (paths or globs of .txt/.jsonl), data.sources (a "
+                     "weighted mixture) or data.cache (a token cache from python -m launch.tools.prepare)")
+        if d.sources and (d.train_files or d.cache):
+            p.append("data.sources replaces data.train_files" + (" and data.cache" if d.cache else "")
+                     + ": set one of them (train_files is the one-source shorthand)")
+        patterns = [(f"data.{key}", x) for key in ("train_files", "eval_files") for x in getattr(d, key) or []]
+        names = [src.name for src in d.sources]
+        for i, src in enumerate(d.sources):
+            key = f"data.sources[{i}]" + (f" ({src.name})" if src.name else "")
+            if not src.files:
+                p.append(f"{key}: no files; list its paths, globs or URLs under files")
+            if src.weight is not None and not src.weight > 0:
+                p.append(f"{key}: weight must be > 0, got {src.weight} (drop the source to leave it out)")
+            if src.name and names.count(src.name) > 1:
+                p.append(f"{key}: the name '{src.name}' is used by more than one source; names must be unique")
+            patterns += [(f"{key}.{k}", x) for k in ("files", "eval_files") for x in getattr(src, k) or []]
+        for key, pattern in patterns:
+            if pattern and not pattern.startswith("embedded:") and not is_remote(pattern) and not glob.glob(pattern):
+                p.append(f"{key}: '{pattern}' matches no file (check the path; globs like "
+                         "'corpus/*.txt' are allowed)")
+        if d.io_retries is not None and d.io_retries < 1:
+            p.append(f"data.io_retries must be >= 1, got {d.io_retries}")
         if d.cache and not Path(d.cache, "meta.json").is_file():
             p.append(f"data.cache: '{d.cache}' is not a finished token cache (no meta.json); build it with "
                      "python -m launch.tools.prepare --config <this config> --out <folder>")

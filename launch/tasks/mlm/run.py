@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from launch.cli.entry import entry
-from launch.tasks.mlm.config import PretrainConfig
+from launch.tasks.mlm.config import PretrainConfig, use_storage
 
 
 def main(argv=None) -> int:
@@ -28,6 +28,7 @@ def run(cfg: PretrainConfig, info) -> int:
     from model.build import check_positions, load_mlm
     from model.mlm import MaskedLM
 
+    use_storage(cfg.data)
     spec = load_spec(cfg.tokenizer)
     seed_everything(cfg.train.seed)
     hf_model, hf_config = load_mlm(cfg.model, spec, cfg.train.seed)  # same initial weights on every rank

@@ -16,13 +16,38 @@ from launch.core.session import Session
 from launch.tasks.mlm.config import PretrainConfig
 
 
+def starved_why(files: list[str]) -> str:
+    """Why some streams get no document, and the ways out (for the error and the dry run)."""
+    from data.compressed import compression_of
+
+    packed = sum(1 for f in files if compression_of(f))
+    if packed:
+        return (f"compressed files are read whole, one stream each, and {packed} of the {len(files)} file(s) "
+                "are compressed; lower data.num_workers, use fewer ranks, add files, or build a token cache, "
+                "which splits compressed files evenly: python -m launch.tools.prepare")
+    return "the corpus is too small to split that many ways; lower data.num_workers, use fewer ranks or add data"
+
+
+def mixture_sources(d) -> list:
+    """data.sources resolved: files, sizes and each source's settings (data/mixture.py)."""
+    from data.mixture import Source
+    from data.sources import file_sizes, resolve_files
+
+    out, base = [], 0
+    for src in d.sources:
+        files = resolve_files(src.files)
+        out.append(Source(src.name, files, file_sizes(files), src.weight, src.txt_documents or d.txt_documents,
+                          src.text_field or d.text_field, base))
+        base += len(files)
+    return out
+
+
 class MLMTask:
     keeps_best = False  # pretraining keeps the newest checkpoints, not a best one
 
     def __init__(self, cfg: PretrainConfig, info, spec, hf_config, session: Session):
         from data.mlm import MLMSettings, initial_states
         from data.sources import file_sizes, resolve_files
-        from data.stream import StreamState, replan
 
         self.cfg, self.info, self.spec, self.sparse = cfg, info, spec, cfg.model.sparse_mlm_head
         self.arch = arch_of(hf_config)
@@ -31,11 +56,16 @@ class MLMTask:
         self.workers = max(cfg.data.num_workers, 1)
         d = cfg.data
         self.settings = MLMSettings.from_config(cfg)
+        self.sources = None  # a weighted mixture (data.sources): list[data.mixture.Source]
         if d.cache:  # a token cache from `python -m launch.tools.prepare`: shards play the role of files
             from data.cache import check_tokenizer, read_meta, shard_names_and_sizes
 
             check_tokenizer(read_meta(d.cache), spec, d.cache)
             self.files, self.sizes = shard_names_and_sizes(d.cache)
+        elif d.sources:
+            self.sources = mixture_sources(d)
+            self.files = [f for src in self.sources for f in src.files]
+            self.sizes = [n for src in self.sources for n in src.sizes]
         else:
             self.files = resolve_files(d.train_files)
             self.sizes = file_sizes(self.files)
@@ -43,19 +73,12 @@ class MLMTask:
         r, w = info.rank, self.workers
         self._check_streams(info.world_size * w)
         if saved is None:
-            states, self.rotation = initial_states(r, info.world_size, w), 0
+            states, self.rotation = initial_states(r, info.world_size, w, self.sources), 0
         else:
-            if saved["files"] != self.files or saved["sizes"] != self.sizes:
-                raise configlib.ConfigError([f"data.train_files changed since {session.resume_from}: the "
-                                             "files or their sizes differ, so the saved positions are "
-                                             "meaningless; restore the files or start a new output_dir"])
+            self._check_same_data(saved, session.resume_from)
             all_states = saved["streams"]
             if session.resized:  # another world size / worker count: re-split the unread rest
-                from data.compressed import compression_of
-
-                units = frozenset(i for i, f in enumerate(self.files) if compression_of(f))  # read whole
-                new = replan([StreamState.from_dict(s) for s in all_states], self.sizes, info.world_size * w, units)
-                all_states, self.rotation = [s.to_dict() for s in new], 0
+                all_states, self.rotation = self._replan(all_states, info.world_size * w), 0
             else:
                 self.rotation = saved["rotation"]
             states = all_states[r * w:(r + 1) * w]
@@ -73,30 +96,58 @@ class MLMTask:
         self.eval_batches = None
         self.device = dist.device()
 
+    def _check_same_data(self, saved: dict, resume_from) -> None:
+        mix = [[src.name, src.weight] for src in self.sources] if self.sources else None
+        changed = []
+        if saved["files"] != self.files or saved["sizes"] != self.sizes:
+            changed.append("the files or their sizes differ")
+        if saved.get("mixture") != mix:
+            changed.append(f"the sources or weights differ ({saved.get('mixture')} then, {mix} now)")
+        if changed:
+            key = "data.sources" if self.sources or saved.get("mixture") else "data.train_files"
+            raise configlib.ConfigError([f"{key} changed since {resume_from}: {'; '.join(changed)}, so the "
+                                         "saved positions are meaningless; restore them or start a new output_dir"])
+
+    def _replan(self, all_states: list[dict], n: int) -> list[dict]:
+        """The saved streams' unread rest over n streams; a started compressed file stays with one stream."""
+        from data.compressed import compression_of
+        from data.stream import StreamState, replan
+
+        if self.sources:
+            from data.mixture import MixtureState, replan_mixture
+
+            units = {src.name: frozenset(i for i, f in enumerate(src.files) if compression_of(f))
+                     for src in self.sources}
+            new = replan_mixture([MixtureState.from_dict(s) for s in all_states], self.sources, n, units)
+        else:
+            units = frozenset(i for i, f in enumerate(self.files) if compression_of(f))
+            new = replan([StreamState.from_dict(s) for s in all_states], self.sizes, n, units)
+        return [s.to_dict() for s in new]
+
     def _check_streams(self, n: int) -> None:
+        """Every one of the n streams owns at least one document (of every source of a mixture)."""
         from data.sources import DataError
         from data.stream import empty_streams, text_readers
 
-        if sum(self.sizes) == 0:
-            raise DataError(f"data.train_files: every file is empty ({', '.join(self.files)})")
-        if self.cfg.data.cache:
+        d = self.cfg.data
+        if d.cache:
             from data.cache import cache_readers
 
-            readers = cache_readers(self.cfg.data.cache)
+            parts = [("data.cache", self.files, self.sizes, cache_readers(d.cache))]
+        elif self.sources:
+            parts = [(f"data.sources '{src.name}'", src.files, src.sizes,
+                      text_readers(src.files, src.mode, src.text_field, d.max_chunk_bytes, d.encoding_errors))
+                     for src in self.sources]
         else:
-            d = self.cfg.data
-            readers = text_readers(self.files, d.txt_documents, d.text_field, d.max_chunk_bytes, d.encoding_errors)
-        empty = empty_streams(readers, self.sizes, n)
-        if empty:
-            from data.compressed import compression_of
-
-            packed = sum(1 for f in self.files if compression_of(f))
-            why = (f"compressed files are read whole, one stream each, and {packed} of the {len(self.files)} "
-                   "file(s) are compressed" if packed else "the corpus is too small to split that many ways")
-            raise DataError(f"{len(empty)} of {n} data streams (world_size x data.num_workers) would get no "
-                            f"document: {why} (streams {empty[:8]}); lower data.num_workers, use fewer ranks, "
-                            "add data" + (", or build a token cache, which splits compressed files evenly: "
-                                          "python -m launch.tools.prepare" if packed else ""))
+            parts = [("data.train_files", self.files, self.sizes,
+                      text_readers(self.files, d.txt_documents, d.text_field, d.max_chunk_bytes, d.encoding_errors))]
+        for key, files, sizes, readers in parts:
+            if sum(sizes) == 0:
+                raise DataError(f"{key}: every file is empty ({', '.join(files)})")
+            empty = empty_streams(readers, sizes, n)
+            if empty:
+                raise DataError(f"{key}: {len(empty)} of {n} data streams (world_size x data.num_workers) would "
+                                f"get no document: {starved_why(files)} (streams {empty[:8]})")
 
     # -- training data -----------------------------------------------------------------------------
     def set_phase(self, phase) -> None:
@@ -111,7 +162,7 @@ class MLMTask:
         self.settings = replace(self.settings, block_size=phase.block_size, micro_batch_size=phase.micro)
         self.rotation, self.batches_seen = (self.rotation + self.batches_seen) % self.workers, 0
         self.dataset = MLMDataset(self.files, self.sizes, self.spec, self.settings, list(self.states), self.rotation,
-                                  cache=self.cfg.data.cache)
+                                  cache=self.cfg.data.cache, sources=self.sources)
         self.loader = make_loader(self.dataset, self.cfg.data.num_workers)
 
     def batches(self):
@@ -141,6 +192,7 @@ class MLMTask:
         gathered = dist.all_gather_object(self.states)
         streams = sorted((s for rank_states in gathered for s in rank_states), key=lambda s: s["stream"])
         return {"streams": streams, "workers": self.workers, "files": self.files, "sizes": self.sizes,
+                "mixture": [[src.name, src.weight] for src in self.sources] if self.sources else None,
                 "rotation": (self.rotation + self.batches_seen) % self.workers}
 
     def to_device(self, batch) -> dict:
@@ -177,47 +229,74 @@ class MLMTask:
                                                    float(self.replaced), float(self.dropped)], "sum", host=True)
         epoch = dist.all_reduce([float(min(s["epoch"] for s in self.states))], "min", host=True)[0]
         trained = totals["tokens"]
-        return {"epoch": int(epoch), "documents": int(docs), "replaced_bytes": int(replaced),
-                "packing_efficiency": trained / max(trained + dropped, 1), "phase": self.phase.index,
-                "block_size": self.settings.block_size}
+        out = {"epoch": int(epoch), "documents": int(docs), "replaced_bytes": int(replaced),
+               "packing_efficiency": trained / max(trained + dropped, 1), "phase": self.phase.index,
+               "block_size": self.settings.block_size}
+        if self.sources:  # real tokens trained from each source (all ranks, all attempts) and its epoch
+            names = [src.name for src in self.sources]
+            tokens = dist.all_reduce([float(sum(st["tokens"][n] for st in self.states)) for n in names], "sum",
+                                     host=True)
+            epochs = dist.all_reduce([float(min(st["sources"][n]["epoch"] for st in self.states)) for n in names],
+                                     "min", host=True)
+            out["tokens_by_source"] = {n: int(t) for n, t in zip(names, tokens)}
+            out["epoch_by_source"] = {n: int(e) for n, e in zip(names, epochs)}
+        return out
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, engine) -> dict:
-        if not self.cfg.data.eval_files:
-            return {}
-        batches = self._eval_batches()
-        n_max = int(dist.all_reduce([float(len(batches))], "max")[0])
-        loss_sum, n_masked = 0.0, 0
-        for i in range(n_max):  # every rank runs n_max forwards: ZeRO-3 gathers weights collectively
-            batch = batches[i] if i < len(batches) else self.null_batch()
-            loss = engine(**self.to_device(batch))
-            k = batch["meta"]["n_masked"]
-            loss_sum += float(loss) * k
-            n_masked += k
-        loss_sum, n_masked = dist.all_reduce([loss_sum, float(n_masked)], "sum")
-        eval_loss = loss_sum / max(n_masked, 1)
+        """eval_loss over data.eval_files; with a mixture also eval_loss/<name> over each source's eval_files
+        (eval_loss is then their pooled loss when data.eval_files is empty)."""
+        out, pooled = {}, [0.0, 0.0]
+        for name, batches in self._eval_sets().items():
+            n_max = int(dist.all_reduce([float(len(batches))], "max")[0])
+            loss_sum, n_masked = 0.0, 0
+            for i in range(n_max):  # every rank runs n_max forwards: ZeRO-3 gathers weights collectively
+                batch = batches[i] if i < len(batches) else self.null_batch()
+                loss = engine(**self.to_device(batch))
+                k = batch["meta"]["n_masked"]
+                loss_sum += float(loss) * k
+                n_masked += k
+            loss_sum, n_masked = dist.all_reduce([loss_sum, float(n_masked)], "sum")
+            if name:
+                out[f"eval_loss/{name}"] = loss_sum / max(n_masked, 1)
+            if not name or not self.cfg.data.eval_files:
+                pooled = [pooled[0] + loss_sum, pooled[1] + n_masked]
+        if not pooled[1]:
+            return out
+        eval_loss = pooled[0] / pooled[1]
         return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0)),
-                "eval_masked_tokens": int(n_masked)}
+                "eval_masked_tokens": int(pooled[1]), **out}
 
-    def _eval_batches(self) -> list:
-        """The rank's share of the eval set, masked deterministically; tokenized once and kept."""
+    def _eval_sets(self) -> dict[str, list]:
+        """The rank's share of each eval set ('' = data.eval_files, else a source's name), masked
+        deterministically; tokenized once and kept."""
         if self.eval_batches is None:
-            from data.mlm import MLMDataset, MLMSettings, initial_states
-            from data.sources import file_sizes, resolve_files
-
-            files = resolve_files(self.cfg.data.eval_files)
-            eval_settings = MLMSettings.from_config(self.cfg, audit=False, micro_batch_size=
-                                                    self.cfg.eval.micro_batch_size or self.cfg.train.micro_batch_size)
-            ds = MLMDataset(files, file_sizes(files), self.spec, eval_settings,
-                            initial_states(self.info.rank, self.info.world_size, 1), finite=True)
-            limit = self.cfg.eval.max_batches
-            self.eval_batches = []
-            for batch in ds:
-                if limit is not None and len(self.eval_batches) >= limit:
-                    break
-                if batch["meta"]["n_blocks"]:
-                    self.eval_batches.append(batch)
+            d = self.cfg.data
+            sets = {"": (d.eval_files, d.txt_documents, d.text_field)} if d.eval_files else {}
+            for src in d.sources:
+                if src.eval_files:
+                    sets[src.name] = (src.eval_files, src.txt_documents or d.txt_documents,
+                                      src.text_field or d.text_field)
+            self.eval_batches = {name: self._eval_batches(*v) for name, v in sets.items()}
         return self.eval_batches
+
+    def _eval_batches(self, patterns: list[str], mode: str, text_field: str) -> list:
+        from data.mlm import MLMDataset, MLMSettings, initial_states
+        from data.sources import file_sizes, resolve_files
+
+        files = resolve_files(patterns)
+        eval_settings = MLMSettings.from_config(self.cfg, audit=False, mode=mode, text_field=text_field,
+                                                micro_batch_size=self.cfg.eval.micro_batch_size
+                                                or self.cfg.train.micro_batch_size)
+        ds = MLMDataset(files, file_sizes(files), self.spec, eval_settings,
+                        initial_states(self.info.rank, self.info.world_size, 1), finite=True)
+        limit, batches = self.cfg.eval.max_batches, []
+        for batch in ds:
+            if limit is not None and len(batches) >= limit:
+                break
+            if batch["meta"]["n_blocks"]:
+                batches.append(batch)
+        return batches
 
     def track_best(self, state, result) -> bool:
         better = state.best_metric is None or result["eval_loss"] < state.best_metric

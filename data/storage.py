@@ -1,0 +1,210 @@
+"""Local paths and fsspec URLs (s3://, gs://, https://, hf://datasets/...) behind one small interface.
+
+Everything that opens, sizes or globs a corpus file goes through here, so a remote corpus is read exactly
+like a local one: byte-range sharding seeks with range requests, compressed files stream through their
+decompressor, Parquet reads one row group at a time.
+
+Credentials come from the standard environment (AWS_* including AWS_ENDPOINT_URL, GOOGLE_APPLICATION_
+CREDENTIALS, HF_TOKEN) or from `data.storage_options` (passed to fsspec as is). They live only in this
+process's memory: config.yaml redacts the mapping, and no message here prints it.
+
+Transient network errors (connection refused or reset, timeouts, 5xx) are retried with exponential backoff
+(1, 2, 4, ... s; `data.io_retries` attempts in all); a read that fails half way reopens the file and
+continues at the same byte. A missing file (404) or a denied one (403) is not retried: it is a DataError
+naming the URL.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass, field
+
+
+class StorageError(ValueError):
+    """A file or URL that cannot be listed or read; the message names it and the fix."""
+
+
+@dataclass
+class _Settings:
+    options: dict = field(default_factory=dict)
+    retries: int = 5
+    backoff_s: float = 1.0
+
+
+_SETTINGS = _Settings()
+# error types that mean "try again" although they are not OSError (botocore, aiohttp)
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ClientOSError",
+                    "ResponseStreamingError", "IncompleteReadError", "ProtocolError"}
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def configure(options: dict | None, retries: int | None = None, backoff_s: float | None = None) -> None:
+    """Storage options and retry policy for this process (data.storage_options, data.io_retries). Dataloader
+    workers fork from the training process and inherit them; spawned processes call this again."""
+    _SETTINGS.options = dict(options or {})
+    if retries is not None:
+        _SETTINGS.retries = max(1, retries)
+    if backoff_s is not None:
+        _SETTINGS.backoff_s = backoff_s
+
+
+def settings() -> tuple[dict, int, float]:
+    """The current (options, retries, backoff): what a spawned process passes to configure()."""
+    return dict(_SETTINGS.options), _SETTINGS.retries, _SETTINGS.backoff_s
+
+
+def is_remote(path: str) -> bool:
+    return "://" in str(path) and not str(path).startswith("file://")
+
+
+def _fs(url: str):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url, **_SETTINGS.options)
+    except (ImportError, ValueError) as e:
+        proto = url.split("://", 1)[0]
+        raise StorageError(f"{url}: cannot open '{proto}://' URLs ({e}); install its fsspec backend "
+                           "(s3fs for s3://, gcsfs for gs://, huggingface_hub for hf://)") from None
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, _PERMANENT):
+        return False
+    if isinstance(e, (ConnectionError, TimeoutError)) or type(e).__name__ in _TRANSIENT_NAMES:
+        return True
+    # s3fs/gcsfs report HTTP errors as OSError; 5xx and throttling are worth another try
+    return isinstance(e, OSError) and any(s in str(e) for s in ("500", "502", "503", "504", "SlowDown",
+                                                                "Throttl", "Timeout", "reset"))
+
+
+def _call(url: str, what: str, fn):
+    """fn() with retries on transient errors; permanent ones become a StorageError naming the URL."""
+    attempts = _SETTINGS.retries
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified below, re-raised with the URL
+            if isinstance(e, FileNotFoundError):
+                raise StorageError(f"{url}: not found (404) while trying to {what}; check the path or URL") from None
+            if isinstance(e, PermissionError):
+                raise StorageError(f"{url}: access denied (403) while trying to {what}; check the credentials "
+                                   "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS / HF_TOKEN, or "
+                                   "data.storage_options)") from None
+            if not _transient(e):
+                raise
+            if attempt + 1 == attempts:
+                raise StorageError(f"{url}: could not {what} after {attempts} attempt(s) "
+                                   f"({type(e).__name__}: {e}); check the endpoint and the network, or raise "
+                                   "data.io_retries") from None
+            time.sleep(_SETTINGS.backoff_s * 2 ** attempt)
+
+
+def expand(pattern: str) -> list[str]:
+    """Files matching a path or glob, sorted within the glob (remote ones as full URLs)."""
+    has_glob = any(c in pattern for c in "*?[")
+    if not is_remote(pattern):
+        matches = sorted(glob.glob(pattern)) if has_glob else [pattern]
+        return [m for m in matches if os.path.isfile(m)]
+    fs, path = _fs(pattern)
+    proto = pattern.split("://", 1)[0]
+    if has_glob:
+        found = _call(pattern, "list the files", lambda: fs.glob(path, detail=True))
+        return sorted(f"{proto}://{p}" for p, info in found.items() if info.get("type") != "directory")
+    try:
+        is_file = _call(pattern, "look up the file", lambda: fs.isfile(path))
+    except StorageError as e:
+        if "not found" in str(e):
+            return []
+        raise
+    return [pattern] if is_file else []
+
+
+def size(path: str) -> int:
+    if not is_remote(path):
+        return os.path.getsize(path)
+    fs, p = _fs(path)
+    return int(_call(path, "read the file size", lambda: fs.size(p)))
+
+
+def open_binary(path: str):
+    """A seekable binary file object; remote files are read with range requests and survive transient
+    errors (RetryingFile)."""
+    if not is_remote(path):
+        return open(path, "rb")
+    return RetryingFile(path)
+
+
+def read_bytes(path: str) -> bytes:
+    with open_binary(path) as f:
+        return f.read()
+
+
+class RetryingFile:
+    """A remote file whose reads are retried: after a transient error the file is reopened and the read
+    repeated from the same offset, so the bytes returned are the same as with no error."""
+
+    def __init__(self, url: str):
+        self.url, self.pos = url, 0
+        self.fs, self.path = _fs(url)
+        self.f = _call(url, "open the file", self._open)
+
+    def _open(self):
+        return self.fs.open(self.path, "rb", block_size=1 << 22, cache_type="readahead")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self.pos = self.f.seek(pos, whence)
+        return self.pos
+
+    def _retry(self, op):
+        def attempt():
+            try:
+                return op()
+            except Exception as e:
+                if _transient(e):  # reopen at the same offset before the next attempt
+                    try:
+                        self.f.close()
+                    except Exception:  # noqa: BLE001,S110 - the broken handle is dropped either way
+                        pass
+                    self.f = self._open()
+                    self.f.seek(self.pos)
+                raise
+        out = _call(self.url, f"read at byte {self.pos}", attempt)
+        self.pos = self.f.tell()
+        return out
+
+    def read(self, n: int = -1) -> bytes:
+        return self._retry(lambda: self.f.read(n))
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._retry(lambda: self.f.readline(limit))
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    @property
+    def size(self) -> int:
+        return self.f.size
