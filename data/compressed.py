@@ -175,7 +175,7 @@ class Window:
             if self.eof or (limit >= 0 and self.base + len(self.buf) - self.pos >= limit):
                 end = self.base + len(self.buf)
                 break
-            scan = self.base + len(self.buf)
+            scan = max(self.pos, self.base + len(self.buf))  # after a seek past the buffer: from pos on
             self._fill(scan + READ_SIZE)  # trims only bytes well before self.pos: absolute offsets hold
         if limit >= 0:
             end = min(end, self.pos + limit)

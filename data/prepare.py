@@ -19,6 +19,7 @@ import numpy as np
 from data.cache import META
 from data.compressed import compression_of, decompressed_size
 from data.sources import file_sizes, partition, resolve_files
+from data.storage import settings
 
 
 def file_sha256(path: str) -> str:
@@ -27,8 +28,11 @@ def file_sha256(path: str) -> str:
 
 def _build_shard(job) -> tuple[int, int, int]:
     """Tokenize one byte range of the corpus into shard files; returns (index, tokens, documents)."""
-    index, segs, files, spec, opts, out = job
+    index, segs, files, spec, opts, out, storage_settings = job
+    from data.storage import configure
     from data.stream import StreamState, TextStream, text_readers
+
+    configure(*storage_settings)  # a spawned worker: the parent's storage options and retry policy
 
     readers = text_readers(files, opts["mode"], opts["text_field"], opts["max_chunk_bytes"], opts["errors"],
                            whole_compressed=False)  # segments are decompressed byte ranges here
@@ -63,7 +67,7 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / META).unlink(missing_ok=True)
     opts = {"mode": mode, "text_field": text_field, "max_chunk_bytes": max_chunk_bytes, "errors": errors}
-    jobs = [(i, segs, files, spec, opts, str(outdir)) for i, segs in enumerate(plan)]
+    jobs = [(i, segs, files, spec, opts, str(outdir), settings()) for i, segs in enumerate(plan)]
     t0 = time.time()
     if workers > 1:
         with get_context("spawn").Pool(workers) as pool:

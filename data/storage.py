@@ -164,6 +164,10 @@ class RetryingFile:
     def close(self) -> None:
         self.f.close()
 
+    @property
+    def closed(self) -> bool:
+        return self.f.closed
+
     def readable(self) -> bool:
         return True
 
@@ -198,13 +202,24 @@ class RetryingFile:
         return self._retry(lambda: self.f.read(n))
 
     def readline(self, limit: int = -1) -> bytes:
-        return self._retry(lambda: self.f.readline(limit))
+        """Up to and including the next newline, at most `limit` bytes (fsspec files take no limit): read in
+        chunks, then seek back to just past the newline (the readahead cache still holds those bytes)."""
+        out = bytearray()
+        while limit < 0 or len(out) < limit:
+            want = 1 << 16 if limit < 0 else min(1 << 16, limit - len(out))
+            chunk = self.read(want)
+            if not chunk:
+                break
+            nl = chunk.find(b"\n")
+            if nl >= 0:
+                out += chunk[: nl + 1]
+                self.seek(self.pos - (len(chunk) - nl - 1))
+                break
+            out += chunk
+        return bytes(out)
 
     def readinto(self, b) -> int:
         data = self.read(len(b))
         b[: len(data)] = data
         return len(data)
 
-    @property
-    def size(self) -> int:
-        return self.f.size

@@ -115,3 +115,28 @@ def inproc(capfd, monkeypatch):
         return Result(code, out, err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API on localhost (moto in server mode), reached through s3fs exactly like a cloud bucket:
+    AWS_ENDPOINT_URL and test credentials are set for the session. Yields (endpoint URL, boto3 client)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing-key-id",
+           "AWS_SECRET_ACCESS_KEY": "testing-secret-key-value", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env["AWS_ENDPOINT_URL"], boto3.client("s3")
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -112,9 +112,12 @@ def test_bad_compressed_input_is_named(tmp_path, spec):
 
 
 def test_window_seeks_back_within_its_buffer(tmp_path):
-    raw = b"".join(b"line %d\n" % i for i in range(5000))
+    raw = b"".join(b"line %d\n" % i for i in range(50_000))
     path = tmp_path / "w.gz"
     path.write_bytes(gzip.compress(raw))
+    fresh = Window(str(path), ".gz", keep=1000)
+    fresh.seek(300_001)  # a resume: the first read is a line far past anything decompressed yet
+    assert fresh.readline() == raw[300_001:raw.index(b"\n", 300_001) + 1]
     w = Window(str(path), ".gz", keep=1000)
     assert w.readline() == b"line 0\n" and w.read(10) == raw[7:17]
     w.seek(30_000)

@@ -12,7 +12,7 @@ import sys
 
 from data.prepare import prepare
 from launch.core import configlib
-from launch.tasks.mlm.config import PretrainConfig
+from launch.tasks.mlm.config import PretrainConfig, use_storage
 
 
 def main(argv=None) -> int:
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         d, tokenizer = cfg.data, args.tokenizer or cfg.tokenizer
+        use_storage(d)
     files = args.files or (d.train_files if d else None)
     if not files:
         print("error: give --files or a --config with data.train_files", file=sys.stderr)
