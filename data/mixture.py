@@ -4,12 +4,14 @@ Each source is sharded and read on its own, with the same (rank, worker) streams
 mixture stream holds one TextStream per source, and each keeps its own position and epoch (a source that
 runs out starts its next epoch alone, while the others read on).
 
-Which source gives a stream's k-th block is a function of (seed, k) only: u_k = frac(x0(seed) + k / phi),
-a Weyl sequence, compared with the cumulative weights. Its points fill [0, 1) evenly (the count falling in
-an interval of length w over any K consecutive k is K*w +- O(log K)), so the shares hold to about 1e-3
-over 10k blocks on every stream, and therefore at any world size, where independent random draws would
-wander by +-0.01. k counts trained blocks, and is part of the saved state, so a resume makes the same
-choices; a dropped epoch tail (data.last_block=drop) passes its position on without using a k.
+Which source gives block k is a function of (seed, k) only: u_k = frac(x0(seed) + k / phi), a Weyl
+sequence, compared with the cumulative weights. Its points fill [0, 1) evenly (the count falling in an
+interval of length w over K consecutive k is K*w +- O(log K)), where independent random draws would wander
+by +-0.01 over 10k blocks. The block index is global: stream j of N takes k = j, j + N, j + 2N, ..., so the
+N streams together use every k once and the shares hold to about 1e-3 over 10k blocks at any world size.
+After a resize the new streams interleave the same way from above the highest k used. The counter is part
+of the saved state, so a resume makes the same choices; a dropped epoch tail (data.last_block=drop) passes
+its position on without using a k.
 """
 
 from __future__ import annotations
@@ -60,8 +62,14 @@ class MixtureState:
     stream: int
     num_streams: int
     sources: dict[str, StreamState]  # each source's own position and epoch
-    blocks: int = 0  # trained blocks chosen so far: the k of `pick`
+    blocks: int = 0  # trained blocks chosen so far by this stream
     tokens: dict[str, int] = field(default_factory=dict)  # real tokens in those blocks, per source
+    first: int = 0  # this stream's i-th block has the global index k = first + stride * i
+    stride: int = 1
+
+    @property
+    def k(self) -> int:
+        return self.first + self.stride * self.blocks
 
     @property
     def docs(self) -> int:
@@ -69,7 +77,7 @@ class MixtureState:
 
     def to_dict(self) -> dict:
         return {"stream": self.stream, "num_streams": self.num_streams, "blocks": self.blocks,
-                "tokens": dict(self.tokens), "docs": self.docs,
+                "first": self.first, "stride": self.stride, "tokens": dict(self.tokens), "docs": self.docs,
                 "epoch": min(s.epoch for s in self.sources.values()),
                 "sources": {n: s.to_dict() for n, s in self.sources.items()}}
 
@@ -77,12 +85,12 @@ class MixtureState:
     def from_dict(d: dict) -> MixtureState:
         return MixtureState(d["stream"], d["num_streams"],
                             {n: StreamState.from_dict(s) for n, s in d["sources"].items()},
-                            d["blocks"], dict(d["tokens"]))
+                            d["blocks"], dict(d["tokens"]), d["first"], d["stride"])
 
     @staticmethod
     def fresh(stream: int, num_streams: int, sources: list[Source]) -> MixtureState:
         return MixtureState(stream, num_streams, {s.name: StreamState(stream, num_streams) for s in sources},
-                            0, {s.name: 0 for s in sources})
+                            0, {s.name: 0 for s in sources}, stream, num_streams)
 
 
 class MixtureStream:
@@ -109,7 +117,7 @@ class MixtureStream:
     def __iter__(self):
         st, its = self.state, [iter(ts) for ts in self.streams]
         while True:
-            j = pick(self.seed, st.blocks, self.cumulative)
+            j = pick(self.seed, st.k, self.cumulative)
             blk: Block = next(its[j])
             if blk.count:
                 st.blocks += 1
@@ -121,9 +129,11 @@ class MixtureStream:
 def replan_mixture(states: list[MixtureState], sources: list[Source], new_n: int,
                    units: dict[str, frozenset[int]]) -> list[MixtureState]:
     """Each source's unread rest re-split over new_n streams (data.stream.replan, so every document is
-    still read once); the new streams start their choice sequence afresh, the token counts carry over."""
+    still read once); the new streams interleave their block indexes from above the highest one used, and
+    the token counts carry over."""
     per = {s.name: replan([st.sources[s.name] for st in states], s.sizes, new_n, units.get(s.name, frozenset()))
            for s in sources}
     tokens = {s.name: sum(st.tokens.get(s.name, 0) for st in states) for s in sources}
+    base = max(st.k for st in states)
     return [MixtureState(j, new_n, {s.name: per[s.name][j] for s in sources}, 0,
-                         tokens if j == 0 else {s.name: 0 for s in sources}) for j in range(new_n)]
+                         tokens if j == 0 else {s.name: 0 for s in sources}, base + j, new_n) for j in range(new_n)]

@@ -190,21 +190,3 @@ def test_bad_parquet_input_is_named(tmp_path, spec):
     (tmp_path / "broken.parquet").write_bytes(path.read_bytes()[:100])
     with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
         file_sizes([str(tmp_path / "broken.parquet")])
-
-
-@pytest.mark.slow
-def test_two_ranks_kill_and_resume_on_gzip_and_parquet(tmp_path, tiny_config):
-    """2 CPU ranks on a .txt.gz + a .parquet: SIGKILL and resume is bit-identical (losses and weights).
-    (Re-splitting at another world size is covered stream by stream above, for both kinds.)"""
-    from tests.helpers import compare, run, run_and_kill
-
-    gz = compressed_copy(make_corpus(tmp_path / "a.txt", 20, seed=4), ".gz")
-    _, pq_file = parquet_corpus(tmp_path, n=40, row_group=7)
-    cfg = tiny_config("pretrain", {"data.train_files": [str(gz), str(pq_file)], "data.num_workers": 1,
-                                   "data.block_size": 32, "train.micro_batch_size": 2, "train.global_batch_size": 12,
-                                   "train.max_steps": 16, "checkpoint.every": 4, "train.warmup_steps": 0})
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    run("pretrain", 2, cfg, [f"output_dir={straight}"])
-    assert run_and_kill("pretrain", 2, cfg, [f"output_dir={killed}"], killed, 9) >= 9
-    assert "resumed from" in run("pretrain", 2, cfg, [f"output_dir={killed}"]).stdout
-    assert compare(straight, killed) == []
