@@ -3,6 +3,14 @@
 Tokenizes the corpus with one process per core and writes memory-mapped shards that training reads with
 data.cache=DIR (see data/cache.py). meta.json is written last: an interrupted build is never mistaken
 for a complete one.
+
+How the corpus is cut into shards depends only on its contents, not on how it is stored:
+- record corpora (every file .jsonl or .parquet, compressed or not) are cut by record: line r of a .jsonl
+  file and row r of a .parquet file are the same unit, so X.jsonl, X.jsonl.gz, X.jsonl.zst, X.parquet and
+  s3://.../X.parquet give the same shards, byte for byte;
+- text corpora (.txt) are cut by decompressed byte, so X.txt and X.txt.gz give the same shards.
+A worker finds where its records start by counting newlines from the file start (through the
+decompressor for compressed files), which costs a read of the bytes before them, not a tokenization.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from data.cache import META
-from data.compressed import compression_of, decompressed_size
-from data.sources import file_sizes, partition, resolve_files
+from data.compressed import compression_of, decompressed_size, inner_name, open_bytes
+from data.parquet import ParquetReader, is_parquet
+from data.sources import JSONL_SUFFIXES, Segment, file_sizes, partition, resolve_files
 from data.storage import settings
 
 
@@ -52,21 +61,27 @@ def _build_shard(job) -> tuple[int, int, int]:
 
 def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_line", text_field: str = "text",
             max_chunk_bytes: int = 1 << 20, errors: str = "strict", workers: int | None = None,
-            shard_bytes: int = 64 << 20) -> dict:
+            shard_bytes: int = 64 << 20, shard_records: int = 100_000) -> dict:
+    """Tokenize `files` into a token cache at `out`. Text corpora get about shard_bytes of (decompressed) text
+    per shard, record corpora (.jsonl/.parquet) shard_records records per shard; never fewer shards than
+    workers."""
     from data.tokenize import load_spec
 
     files = resolve_files(files)
-    # compressed files count by their decompressed bytes, so they split into shards exactly like the same
-    # text uncompressed (one decompression pass to measure them; each shard then skips to its range)
-    sizes = [decompressed_size(f) if compression_of(f) else n for f, n in zip(files, file_sizes(files))]
+    records = all(is_parquet(f) or inner_name(f).endswith(JSONL_SUFFIXES) for f in files)
+    if records:  # each file's extent = its records (jsonl lines, parquet rows): one counting pass
+        sizes = [ParquetReader(f, None).rows if is_parquet(f) else _count_lines(f) for f in files]
+    else:  # compressed files count by their decompressed bytes (one decompression pass to measure them)
+        sizes = [decompressed_size(f) if compression_of(f) else n for f, n in zip(files, file_sizes(files))]
     spec = load_spec(tokenizer)
     workers = workers or os.cpu_count() or 1
-    n_shards = max(workers, -(-sum(sizes) // shard_bytes))
+    n_shards = max(workers, -(-sum(sizes) // (shard_records if records else shard_bytes)))
     plan = [segs for segs in partition(sizes, n_shards) if segs]
     outdir = Path(out)
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / META).unlink(missing_ok=True)
-    opts = {"mode": mode, "text_field": text_field, "max_chunk_bytes": max_chunk_bytes, "errors": errors}
+    opts = {"mode": mode, "text_field": text_field, "max_chunk_bytes": max_chunk_bytes, "errors": errors,
+            "records": records}
     jobs = [(i, segs, files, spec, opts, str(outdir), settings()) for i, segs in enumerate(plan)]
     t0 = time.time()
     if workers > 1:
@@ -77,7 +92,8 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
     seconds = time.time() - t0
     meta = {"version": 1, "dtype": "uint16" if spec.vocab_size <= 1 << 16 else "uint32",
             "tokenizer": {"path": spec.path, "vocab_size": spec.vocab_size, "sha256": file_sha256(spec.path)},
-            "source": {"files": files, "sizes": sizes, "txt_documents": mode, "text_field": text_field},
+            "source": {"files": files, "sizes": sizes, "split": "records" if records else "bytes",
+                       "txt_documents": mode, "text_field": text_field},
             "shards": [{"tokens": f"shard_{i:05d}.bin", "docs": f"shard_{i:05d}.docs.npy", "n_tokens": n,
                         "n_docs": d} for i, n, d in results],
             "n_tokens": sum(r[1] for r in results), "n_docs": sum(r[2] for r in results),
@@ -87,3 +103,41 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
     os.replace(tmp, outdir / META)
     return meta
 
+
+
+def _count_lines(path: str) -> int:
+    """Records of a .jsonl file: its lines, the last one counted also without a final newline."""
+    n, last = 0, b"\n"
+    with open_bytes(path) as f:
+        while chunk := f.read(1 << 22):
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    return n + (last != b"\n")
+
+
+def _record_segment(path: str, seg: Segment) -> Segment:
+    """Records [lo, hi) of a file as the reader's Segment: parquet rows at their virtual offsets, jsonl lines
+    at the byte offsets where they start (found by counting newlines from the file start)."""
+    if is_parquet(path):
+        per_row = ParquetReader(path, None).per_row
+        return Segment(seg.file, seg.lo * per_row, seg.hi * per_row)
+    bounds, line, pos, want = {}, 0, 0, len({seg.lo, seg.hi})
+    with open_bytes(path) as f:
+        while len(bounds) < want:
+            for target in (seg.lo, seg.hi):
+                if target == line and target not in bounds:
+                    bounds[target] = pos
+            if len(bounds) == want:
+                break
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            start = 0
+            for target in sorted(t for t in (seg.lo, seg.hi) if t not in bounds):
+                while line < target and (nl := chunk.find(b"\n", start)) >= 0:
+                    line, start = line + 1, nl + 1
+                if line == target:
+                    bounds[target] = pos + start
+            pos += len(chunk)
+            line += chunk.count(b"\n", start)
+    return Segment(seg.file, bounds.get(seg.lo, pos), bounds.get(seg.hi, pos))

@@ -127,18 +127,28 @@ def test_window_seeks_back_within_its_buffer(tmp_path):
     assert len(w.buf) < 200_000
 
 
-def test_token_cache_of_compressed_equals_plain(tmp_path):
+def cache_shards(tmp_path, src, workers=2):
+    """The shard files (tokens + document index) of a token cache of src, as bytes."""
     from data.prepare import prepare
 
+    out = tmp_path / f"cache_{str(src).replace('/', '_').replace(':', '_')}"
+    meta = prepare([str(src)], "bert-base-uncased", str(out), workers=workers, shard_bytes=8 << 10,
+                   shard_records=40)
+    return [(out / s["tokens"]).read_bytes() + np.load(out / s["docs"]).tobytes() for s in meta["shards"]]
+
+
+def test_token_cache_is_the_same_from_every_format(tmp_path):
+    """Text is cut by decompressed byte and records by record, so a cache holds the same shards, byte for
+    byte, whether the corpus is X.txt or X.txt.gz/.zst, and X.jsonl, X.jsonl.gz/.zst or X.parquet."""
     plain = make_corpus(tmp_path / "x.txt", 300, words_per_doc=(5, 200))
-    shards = {}
-    for f in (plain, compressed_copy(plain, ".gz"), compressed_copy(plain, ".zst")):
-        out = tmp_path / f"cache_{f.name}"
-        meta = prepare([str(f)], "bert-base-uncased", str(out), workers=1, shard_bytes=8 << 10)
-        shards[f.name] = [(out / s["tokens"]).read_bytes() + np.load(out / s["docs"]).tobytes()
-                          for s in meta["shards"]]
-    assert len(shards["x.txt"]) > 2
-    assert shards["x.txt.gz"] == shards["x.txt"] == shards["x.txt.zst"]
+    text = {f.name: cache_shards(tmp_path, f) for f in (plain, compressed_copy(plain, ".gz"),
+                                                         compressed_copy(plain, ".zst"))}
+    assert len(text["x.txt"]) > 2 and text["x.txt.gz"] == text["x.txt"] == text["x.txt.zst"]
+    jsonl, pq_file = parquet_corpus(tmp_path, n=300, row_group=37)
+    records = {f.name: cache_shards(tmp_path, f, workers=3) for f in (jsonl, compressed_copy(jsonl, ".gz"),
+                                                                     compressed_copy(jsonl, ".zst"), pq_file)}
+    assert len(records["p.jsonl"]) > 3
+    assert records["p.jsonl.gz"] == records["p.jsonl"] == records["p.jsonl.zst"] == records["p.parquet"]
 
 
 def parquet_corpus(tmp_path, n=300, row_group=37):

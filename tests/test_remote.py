@@ -11,7 +11,7 @@ from data import storage
 from data.sources import DataError, file_sizes, resolve_files
 from data.stream import StreamState
 from tests.helpers import make_corpus
-from tests.test_formats import blocks_of, compressed_copy, parquet_corpus
+from tests.test_formats import blocks_of, cache_shards, compressed_copy, parquet_corpus
 
 
 @pytest.fixture
@@ -52,14 +52,12 @@ def test_s3_files_give_the_local_token_streams(tmp_path, spec, bucket):
 
 
 def test_token_cache_from_s3_equals_local(tmp_path, bucket):
-    from data.prepare import prepare
-
+    """python -m launch.tools.prepare on s3://.../X.parquet and s3://.../X.txt.gz: the shards of local X.jsonl
+    and X.txt, byte for byte."""
+    jsonl, pq_file = parquet_corpus(tmp_path, n=200, row_group=23)
+    assert cache_shards(tmp_path, bucket(pq_file)) == cache_shards(tmp_path, jsonl)
     plain = make_corpus(tmp_path / "x.txt", 200, words_per_doc=(5, 200))
-    shards = {}
-    for name, src in (("local", str(plain)), ("s3", bucket(compressed_copy(plain, ".gz")))):
-        meta = prepare([src], "bert-base-uncased", str(tmp_path / name), workers=2, shard_bytes=8 << 10)
-        shards[name] = [(tmp_path / name / s["tokens"]).read_bytes() for s in meta["shards"]]
-    assert len(shards["local"]) > 2 and shards["s3"] == shards["local"]
+    assert cache_shards(tmp_path, bucket(compressed_copy(plain, ".gz"))) == cache_shards(tmp_path, plain)
 
 
 def test_missing_and_unreachable_remote_files_are_named(tmp_path, bucket):
