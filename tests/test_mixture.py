@@ -113,6 +113,24 @@ def test_mixture_run_logs_tokens_by_source_and_evaluates_each(tmp_path, tiny_con
     assert evals and evals[-1]["eval_loss"] == evals[-1]["eval_loss/web"]  # the only eval set
 
 
+def test_dry_run_shows_each_source(tmp_path, tiny_config, inproc):
+    sources = make_sources(tmp_path)
+    cfg = tiny_config("pretrain", {
+        "data.sources": [{"name": "web", "files": sources[0].files, "weight": 3},
+                         {"name": "wiki", "files": sources[1].files}], "train.max_steps": 100})
+    out = inproc("pretrain", cfg, ["--dry-run"]).stdout
+    assert "a mixture of 2 sources, 1 stream(s) each" in out
+    web = next(x for x in out.splitlines() if x.strip().startswith("web "))
+    wiki = next(x for x in out.splitlines() if x.strip().startswith("wiki "))
+    assert "txt, txt.gz, 2 file(s)" in web and "(1 compressed: each read whole by one stream)" in web
+    assert "weight 3 -> 75.0% of blocks" in web
+    assert "parquet, 1 file(s), 10 rows" in wiki and "weight 1 -> 25.0% of blocks" in wiki
+    # epochs in this run = share x token slots (100 steps x 8 x 64) / the source's estimated tokens
+    est = float(wiki.split("~")[1].split("M tokens")[0]) * 1e6  # 3 significant digits
+    epochs = float(wiki.split("blocks, ~")[1].split(" epoch")[0])
+    assert abs(epochs - 0.25 * 100 * 8 * 64 / est) < 0.05 * epochs
+
+
 def test_bad_sources_are_all_named(tmp_path, tiny_config, inproc):
     c = make_corpus(tmp_path / "c.txt", 10)
     cfg = tiny_config("pretrain", {"data.train_files": [str(c)], "data.sources": [

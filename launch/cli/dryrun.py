@@ -124,7 +124,7 @@ def _show_data(cfg, spec, tok, n_streams: int, p) -> None:
         for src in sources:
             kind, size, est = _describe(src.files, src.sizes, spec, src.text_field)
             share = src.weight / total_w
-            print(f"  {src.name:<12}{kind}, {len(src.files)} file(s), {size}, ~{est / 1e6:.2f}M tokens; weight "
+            print(f"  {src.name:<12}{kind}, {len(src.files)} file(s), {size}, ~{_count(est)} tokens; weight "
                   f"{src.weight:g} -> {share:.1%} of blocks, ~{share * slots / max(est, 1):.2f} epoch(s) in this run")
     else:
         files = resolve_files(d.train_files)
@@ -178,7 +178,7 @@ def _describe(files: list[str], sizes: list[int], spec, text_field: str) -> tupl
     from data.parquet import ParquetReader, is_parquet
 
     kinds = Counter(".".join(f.rsplit("/", 1)[-1].split(".")[-2 if compression_of(f) else -1:]) for f in files)
-    kind = ", ".join(f"{k}" + (f" x{n}" if len(kinds) > 1 else "") for k, n in kinds.items())
+    kind = ", ".join(f"{k}" + (f" x{n}" if n > 1 else "") for k, n in kinds.items())
     pq_files = [f for f in files if is_parquet(f)]
     text_bytes = sum(n for f, n in zip(files, sizes) if not is_parquet(f))
     rows, est = 0, 0
