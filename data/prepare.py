@@ -36,13 +36,14 @@ def file_sha256(path: str) -> str:
 
 
 def _build_shard(job) -> tuple[int, int, int]:
-    """Tokenize one byte range of the corpus into shard files; returns (index, tokens, documents)."""
+    """Tokenize one range of the corpus into shard files; returns (index, tokens, documents)."""
     index, segs, files, spec, opts, out, storage_settings = job
     from data.storage import configure
     from data.stream import StreamState, TextStream, text_readers
 
     configure(*storage_settings)  # a spawned worker: the parent's storage options and retry policy
-
+    if opts["records"]:  # segments in records (lines / rows): to the readers' byte (or virtual) offsets
+        segs = [_record_segment(files[seg.file], seg) for seg in segs]
     readers = text_readers(files, opts["mode"], opts["text_field"], opts["max_chunk_bytes"], opts["errors"],
                            whole_compressed=False)  # segments are decompressed byte ranges here
     stream = TextStream(readers, [0] * len(files), spec, block_size=1, last_block="pad",

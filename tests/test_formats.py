@@ -128,27 +128,31 @@ def test_window_seeks_back_within_its_buffer(tmp_path):
 
 
 def cache_shards(tmp_path, src, workers=2):
-    """The shard files (tokens + document index) of a token cache of src, as bytes."""
+    """The shards (token ids, document starts) of a token cache of src, read back."""
     from data.prepare import prepare
 
     out = tmp_path / f"cache_{str(src).replace('/', '_').replace(':', '_')}"
     meta = prepare([str(src)], "bert-base-uncased", str(out), workers=workers, shard_bytes=8 << 10,
                    shard_records=40)
-    return [(out / s["tokens"]).read_bytes() + np.load(out / s["docs"]).tobytes() for s in meta["shards"]]
+    return [(np.fromfile(out / s["tokens"], dtype=meta["dtype"]).tolist(), np.load(out / s["docs"]).tolist())
+            for s in meta["shards"]]
 
 
-def test_token_cache_is_the_same_from_every_format(tmp_path):
+def test_token_cache_is_the_same_from_every_format(tmp_path, spec):
     """Text is cut by decompressed byte and records by record, so a cache holds the same shards, byte for
-    byte, whether the corpus is X.txt or X.txt.gz/.zst, and X.jsonl, X.jsonl.gz/.zst or X.parquet."""
+    byte, whether the corpus is X.txt or X.txt.gz/.zst, and X.jsonl, X.jsonl.gz/.zst or X.parquet; laid end
+    to end, the shards are the token stream that training reads from the file."""
     plain = make_corpus(tmp_path / "x.txt", 300, words_per_doc=(5, 200))
-    text = {f.name: cache_shards(tmp_path, f) for f in (plain, compressed_copy(plain, ".gz"),
-                                                         compressed_copy(plain, ".zst"))}
-    assert len(text["x.txt"]) > 2 and text["x.txt.gz"] == text["x.txt"] == text["x.txt.zst"]
     jsonl, pq_file = parquet_corpus(tmp_path, n=300, row_group=37)
-    records = {f.name: cache_shards(tmp_path, f, workers=3) for f in (jsonl, compressed_copy(jsonl, ".gz"),
-                                                                     compressed_copy(jsonl, ".zst"), pq_file)}
-    assert len(records["p.jsonl"]) > 3
-    assert records["p.jsonl.gz"] == records["p.jsonl"] == records["p.jsonl.zst"] == records["p.parquet"]
+    for files, mode, workers in (((plain, compressed_copy(plain, ".gz"), compressed_copy(plain, ".zst")),
+                                  "blank_line", 2),
+                                 ((jsonl, compressed_copy(jsonl, ".gz"), compressed_copy(jsonl, ".zst"), pq_file),
+                                  "line", 3)):
+        shards = [cache_shards(tmp_path, f, workers) for f in files]
+        assert len(shards[0]) > 3 and all(s == shards[0] for s in shards[1:])
+        (whole,) = [b[0] for b in blocks_of([files[0]], StreamState(0, 1).to_dict(), spec, mode, block=1 << 22)]
+        assert [t for tokens, _ in shards[0] for t in tokens] == whole
+        assert sum(len(docs) - 1 for _, docs in shards[0]) == (300 if mode == "blank_line" else 299)
 
 
 def parquet_corpus(tmp_path, n=300, row_group=37):
