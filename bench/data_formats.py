@@ -10,8 +10,8 @@ and X-i.parquet (row groups of 2,000 rows), as corpora ship (C4, FineWeb). Every
 to masked batches in memory: ours (2 loader workers, as in training), HF streaming
 (`load_dataset(..., streaming=True)` -> `map(tokenize)` -> `group_texts` -> DataCollatorForLanguageModeling),
 and the raw Rust tokenizer (all cores) over the same texts already in memory. Ours and the raw
-tokenizer alternate over 2 rounds (the faster kept), the two cache builds over 3 (median kept). Writes
-bench/results/data_formats_<machine>.json.
+tokenizer alternate over 3 rounds (the fastest kept), the two cache builds over 5 (median kept). Writes
+bench/results/data_formats_<machine>.json. Also measured: what a resume inside a .jsonl.gz shard costs.
 """
 
 from __future__ import annotations
@@ -87,6 +87,30 @@ def hf_streaming(kind: str, files: list[str], hf_tok, block: int, batch: int) ->
     return {"seconds": dt, "tokens_in_blocks": n_real, "tokens_per_s": n_real / dt}
 
 
+def resume_cost(path: str, spec, block: int) -> dict:
+    """Time to the first block of a stream resumed near the end of one .jsonl.gz shard vs from its start: a
+    compressed file is decompressed from its start and skipped (not tokenized) up to the saved offset."""
+    from data.sources import file_sizes
+    from data.stream import StreamState, TextStream, text_readers
+
+    def first_block(state: StreamState) -> tuple[float, StreamState]:
+        t0 = time.perf_counter()
+        stream = TextStream(text_readers([path], "line", "text", 1 << 20, "strict"), file_sizes([path]), spec,
+                            block_size=block, last_block="pad", state=state)
+        next(iter(stream))
+        return time.perf_counter() - t0, stream.state
+
+    fresh_s, _ = first_block(StreamState(0, 1))
+    stream = TextStream(text_readers([path], "line", "text", 1 << 20, "strict"), file_sizes([path]), spec,
+                        block_size=block, last_block="pad", state=StreamState(0, 1), finite=True)
+    states = [stream.state.to_dict() for _ in stream]
+    late = StreamState.from_dict(states[int(len(states) * 0.95)])
+    resumed_s, _ = first_block(late)
+    skipped = late.pos[0]
+    return {"fresh_first_block_s": fresh_s, "resumed_first_block_s": resumed_s, "skipped_decompressed_bytes": skipped,
+            "skip_mb_per_s_at_least": skipped / 1e6 / resumed_s}
+
+
 def build(files: list[str], tmp: Path, name: str, workers: int) -> dict:
     from data.prepare import prepare
 
@@ -118,9 +142,9 @@ def main() -> None:
         res = {"machine": machine_info(), "command": " ".join(sys.argv), "files": args.files, "repeat": args.repeat,
                "records": len(texts), "shards": args.shards, "block_size": args.block_size, "batch": args.batch,
                "bytes": {k: sum(map(os.path.getsize, v)) for k, v in files.items()}}
-        # ours and the raw tokenizer: 2 alternating rounds, the faster kept (the first pass of a process
+        # ours and the raw tokenizer: 3 alternating rounds, the faster kept (the first pass of a process
         # pays one-time costs: page cache, worker start-up, lazy imports)
-        for _ in range(2):
+        for _ in range(3):
             for kind in ("jsonl.gz", "parquet"):
                 r = our_batches(spec, args.block_size, args.batch, args.workers, files[kind], file_sizes(files[kind]))
                 if f"ours_{kind}" not in res or r["seconds"] < res[f"ours_{kind}"]["seconds"]:
@@ -130,14 +154,15 @@ def main() -> None:
                 res["raw_tokenizer"] = r
         for kind in ("jsonl.gz", "parquet"):
             res[f"hf_streaming_{kind}"] = hf_streaming(kind, files[kind], hf_tok, args.block_size, args.batch)
-        # a build takes seconds: alternate the two, 3 rounds, and keep each one's median
+        # a build takes seconds: alternate the two, 5 rounds, and keep each one's median
         rounds = {"jsonl": [], "jsonl.gz": []}
-        for _ in range(3):
+        for _ in range(5):
             for kind, name in (("jsonl", "cache_plain"), ("jsonl.gz", "cache_gz")):
                 rounds[kind].append(build(files[kind], tmp, name, args.workers))
         for kind, runs in rounds.items():
-            res[f"prepare_{kind}"] = sorted(runs, key=lambda r: r["seconds"])[1]
+            res[f"prepare_{kind}"] = sorted(runs, key=lambda r: r["seconds"])[2]
             res[f"prepare_{kind}"]["rounds_s"] = [r["seconds"] for r in runs]
+        res["resume_gz"] = resume_cost(files["jsonl.gz"][0], spec, args.block_size)
         same = all((tmp / "cache_plain" / f).read_bytes() == (tmp / "cache_gz" / f).read_bytes()
                    for f in os.listdir(tmp / "cache_plain") if f.startswith("shard_"))
     raw = res["raw_tokenizer"]["tokens_per_s"]
@@ -148,7 +173,9 @@ def main() -> None:
         "ours_parquet_vs_hf_streaming": res["ours_parquet"]["tokens_per_s"]
         / res["hf_streaming_parquet"]["tokens_per_s"], "target_vs_hf_streaming": 3.0,
         "prepare_gz_vs_plain": res["prepare_jsonl"]["seconds"] / res["prepare_jsonl.gz"]["seconds"],
-        "target_prepare_gz_vs_plain": 0.9, "prepare_caches_identical": same}
+        "target_prepare_gz_vs_plain": 0.9, "prepare_caches_identical": same,
+        "resume_gz_extra_s": res["resume_gz"]["resumed_first_block_s"] - res["resume_gz"]["fresh_first_block_s"],
+        "resume_gz_skip_mb_per_s_at_least": res["resume_gz"]["skip_mb_per_s_at_least"]}
     write_result(res, "data_formats", args.out)
 
 

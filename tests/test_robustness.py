@@ -42,6 +42,23 @@ def test_more_streams_than_documents(pretrain_cfg, inproc):
     assert "2 of 3 data streams (world_size x data.num_workers) would get no document" in proc.stderr
 
 
+def test_fewer_compressed_files_than_streams(pretrain_cfg, inproc, tmp_path):
+    """A compressed file is read whole by one stream: with 1 file and 2 streams the dry run and the run
+    both say so and point to the token cache."""
+    import gzip
+
+    gz = tmp_path / "c.txt.gz"
+    gz.write_bytes(gzip.compress((BAD.parent.parent / "README.md").read_bytes()))
+    cfg = pretrain_cfg([gz], {"data.num_workers": 2})
+    for args in (["--dry-run"], []):
+        proc = inproc("pretrain", cfg, args, check=False)
+        assert proc.returncode == 2, args
+        err = proc.stderr + proc.stdout
+        assert "data.train_files: 1 of 2 data streams (world_size x data.num_workers) would get no document: " \
+               "compressed files are read whole, one stream each, and 1 of the 1 file(s) are compressed" in err
+        assert "python -m launch.tools.prepare" in err
+
+
 def test_non_utf8_strict_names_file_line_byte():
     reader = PieceReader(str(BAD / "not_utf8.txt"), "line", "text", 1 << 20, "strict")
     with pytest.raises(DataError) as e:

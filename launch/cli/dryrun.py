@@ -105,7 +105,7 @@ def _show_data(cfg, spec, tok, n_streams: int, p) -> None:
     import numpy as np
 
     from data.mlm import MLMDataset, MLMSettings, initial_states
-    from launch.tasks.mlm.task import mixture_sources
+    from launch.tasks.mlm.task import check_streams, mixture_sources
 
     d = cfg.data
     slots = sum(ph.global_batch * ph.block_size * (ph.end - ph.start) for ph in p.phases)
@@ -133,6 +133,7 @@ def _show_data(cfg, spec, tok, n_streams: int, p) -> None:
         print(f"data          {kind}, {len(files)} file(s), {size} -> ~{est / 1e6:.2f}M tokens per epoch "
               f"(~{est / d.block_size:,.0f} blocks of {d.block_size}), ~{slots / max(est, 1):.2f} epoch(s) in this "
               f"run, {n_streams} stream(s)")
+    check_streams(d, files, sizes, sources, n_streams)  # e.g. fewer compressed files than streams
     s = MLMSettings.from_config(cfg, micro_batch_size=min(cfg.train.micro_batch_size, 2), audit=False)
     batch = next(iter(MLMDataset(files, sizes, spec, s, initial_states(0, 1, 1, sources), cache=d.cache,
                                  sources=sources)))

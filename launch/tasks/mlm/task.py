@@ -28,6 +28,32 @@ def starved_why(files: list[str]) -> str:
     return "the corpus is too small to split that many ways; lower data.num_workers, use fewer ranks or add data"
 
 
+def check_streams(d, files: list[str], sizes: list[int], sources, n: int) -> None:
+    """Every one of the n streams owns at least one document (of every source of a mixture), else a
+    DataError that says why and the ways out (run before training and by the dry run)."""
+    from data.sources import DataError
+    from data.stream import empty_streams, text_readers
+
+    if d.cache:
+        from data.cache import cache_readers
+
+        parts = [("data.cache", files, sizes, cache_readers(d.cache))]
+    elif sources:
+        parts = [(f"data.sources '{src.name}'", src.files, src.sizes,
+                  text_readers(src.files, src.mode, src.text_field, d.max_chunk_bytes, d.encoding_errors))
+                 for src in sources]
+    else:
+        parts = [("data.train_files", files, sizes,
+                  text_readers(files, d.txt_documents, d.text_field, d.max_chunk_bytes, d.encoding_errors))]
+    for key, part_files, part_sizes, readers in parts:
+        if sum(part_sizes) == 0:
+            raise DataError(f"{key}: every file is empty ({', '.join(part_files)})")
+        empty = empty_streams(readers, part_sizes, n)
+        if empty:
+            raise DataError(f"{key}: {len(empty)} of {n} data streams (world_size x data.num_workers) would "
+                            f"get no document: {starved_why(part_files)} (streams {empty[:8]})")
+
+
 def mixture_sources(d) -> list:
     """data.sources resolved: files, sizes and each source's settings (data/mixture.py)."""
     from data.mixture import Source
@@ -71,7 +97,7 @@ class MLMTask:
             self.sizes = file_sizes(self.files)
         saved = session.saved
         r, w = info.rank, self.workers
-        self._check_streams(info.world_size * w)
+        check_streams(d, self.files, self.sizes, self.sources, info.world_size * w)
         if saved is None:
             states, self.rotation = initial_states(r, info.world_size, w, self.sources), 0
         else:
@@ -123,31 +149,6 @@ class MLMTask:
             units = frozenset(i for i, f in enumerate(self.files) if compression_of(f))
             new = replan([StreamState.from_dict(s) for s in all_states], self.sizes, n, units)
         return [s.to_dict() for s in new]
-
-    def _check_streams(self, n: int) -> None:
-        """Every one of the n streams owns at least one document (of every source of a mixture)."""
-        from data.sources import DataError
-        from data.stream import empty_streams, text_readers
-
-        d = self.cfg.data
-        if d.cache:
-            from data.cache import cache_readers
-
-            parts = [("data.cache", self.files, self.sizes, cache_readers(d.cache))]
-        elif self.sources:
-            parts = [(f"data.sources '{src.name}'", src.files, src.sizes,
-                      text_readers(src.files, src.mode, src.text_field, d.max_chunk_bytes, d.encoding_errors))
-                     for src in self.sources]
-        else:
-            parts = [("data.train_files", self.files, self.sizes,
-                      text_readers(self.files, d.txt_documents, d.text_field, d.max_chunk_bytes, d.encoding_errors))]
-        for key, files, sizes, readers in parts:
-            if sum(sizes) == 0:
-                raise DataError(f"{key}: every file is empty ({', '.join(files)})")
-            empty = empty_streams(readers, sizes, n)
-            if empty:
-                raise DataError(f"{key}: {len(empty)} of {n} data streams (world_size x data.num_workers) would "
-                                f"get no document: {starved_why(files)} (streams {empty[:8]})")
 
     # -- training data -----------------------------------------------------------------------------
     def set_phase(self, phase) -> None:
