@@ -91,10 +91,11 @@ class TrainConfig:
     or a path to a checkpoint folder."""
     nan_policy: Literal["skip", "stop"] = "skip"
     """Non-finite loss: skip = drop that step (counted) and continue; stop = checkpoint last good state and exit."""
-    nan_check: Literal["micro_batch", "log_steps"] = "micro_batch"
+    nan_check: Literal["auto", "micro_batch", "log_steps"] = "auto"
     """micro_batch: test every micro-batch's loss before its backward (one host sync each; a bad batch is
-    dropped before it touches the weights); log_steps: only at log steps (no per-step sync, faster on GPUs;
-    a non-finite loss then stops the run, keeping the last checkpoint)."""
+    dropped before it touches the weights); log_steps: only at log steps (no host sync between steps: the
+    GPU never waits for the host; a non-finite loss then stops the run, keeping the last checkpoint);
+    auto: log_steps on GPUs, micro_batch on the CPU (where the sync costs nothing)."""
     max_bad_steps: int = 20
     """Stop anyway after this many consecutive non-finite steps."""
     dist_timeout_s: int = 600

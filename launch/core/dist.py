@@ -195,13 +195,48 @@ _CONTROL = None
 
 
 def _control_group():
-    """A gloo group for small host-side decisions (stop flags): no GPU sync, unlike a NCCL collective."""
+    """A gloo group of its own for small host-side decisions (stop flags, elapsed time): no GPU sync, unlike
+    a NCCL collective, and an operation left in flight (all_reduce_async) never interleaves with the
+    training's collectives on the world group."""
     global _CONTROL
     import torch.distributed as dist
 
     if _CONTROL is None:
-        _CONTROL = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        _CONTROL = dist.new_group(backend="gloo")
     return _CONTROL
+
+
+_OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
+
+
+class Reduced:
+    """A host all-reduce started by all_reduce_async; wait() -> the reduced values."""
+
+    def __init__(self, values: list[float], work=None, tensor=None):
+        self.values, self.work, self.tensor = values, work, tensor
+
+    @property
+    def in_flight(self) -> bool:
+        return self.work is not None
+
+    def wait(self) -> list[float]:
+        if self.work is not None:
+            self.work.wait()
+            self.values, self.work = self.tensor.tolist(), None
+        return self.values
+
+
+def all_reduce_async(values: list[float], op: str = "max") -> Reduced:
+    """Start reducing a few host scalars over the control group and return at once: the caller waits on the
+    result later (a step later), so no rank blocks on the others between steps."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return Reduced(list(values))
+    t = torch.tensor(values, dtype=torch.float64)
+    work = dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]), group=_control_group(), async_op=True)
+    return Reduced(list(values), work, t)
 
 
 def all_reduce(values: list[float], op: str = "sum", host: bool = False) -> list[float]:
@@ -213,8 +248,7 @@ def all_reduce(values: list[float], op: str = "sum", host: bool = False) -> list
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device="cpu" if host else device())
-    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
-                    group=_control_group() if host else None)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]), group=_control_group() if host else None)
     return t.tolist()
 
 

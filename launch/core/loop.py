@@ -43,7 +43,9 @@ class Trainer:
         self.phase, self.accum = None, phases[0].accum
         self.stop_flag, self.trainer_extra, self.peak = stop_flag, trainer_extra, peak_flops
         self.bad_in_row = 0
-        self.check_each = cfg.train.nan_check == "micro_batch"
+        # a host sync per micro-batch: on GPUs only when asked for (train.nan_check)
+        self.check_each = cfg.train.nan_check == "micro_batch" or (
+            cfg.train.nan_check == "auto" and not torch.cuda.is_available())
         self.heartbeat = Heartbeat(cfg.output_dir, info.rank, info.world_size, cfg.train.dist_timeout_s)
         self.faults = FaultInjection(info.rank, lambda: self.state.step + 1)
         self.spikes = SpikeDetector()
@@ -53,6 +55,7 @@ class Trainer:
         self.schedule, self.out_of_time = schedule, False  # train.time_budget_h: a TimedSchedule
         # checkpoint.export_at: fractions of the steps, or of the time budget; those already passed are done
         self.exports_due = sorted(f for f in cfg.checkpoint.export_at if f > self._progress())
+        self.control = None  # the stop-flag / elapsed-time all-reduce started at the previous step
         self._reset_meter()
         self.t_start = time.time()
 
@@ -61,6 +64,8 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            if self.control is not None:  # every rank started it at the same step: it completes
+                self.control.wait()
             self.heartbeat.close()
             self.stop_flag.restore()
 
@@ -85,7 +90,8 @@ class Trainer:
             self.heartbeat.beat(self.state.step)  # progress, for the hung/dead-rank watchdog
             if self.profiler is not None:
                 self.profiler.step(self.state.step)
-            code = self._after_step(bad)  # log, eval, checkpoint, signals, non-finite policy
+            with torch.profiler.record_function("bertlaunch:between_steps"):  # host time, seen in profiles
+                code = self._after_step(bad)  # log, eval, checkpoint, signals, non-finite policy
             if code is not None:
                 return code
         return self._finish()
@@ -94,8 +100,7 @@ class Trainer:
     def _after_step(self, bad: int) -> int | None:
         """Log, evaluate, checkpoint; returns an exit code when the run must stop here."""
         step, cfg = self.state.step, self.cfg
-        # one small host collective: all ranks agree on a stop signal and on the elapsed time
-        signum, elapsed = dist.all_reduce([float(self.stop_flag.signum), self._elapsed()], "max", host=True)
+        signum, elapsed = self._agree()
         if self.budget_s:
             self._follow_time(elapsed / self.budget_s)
         self.state.bad_micro_batches += bad
@@ -238,6 +243,17 @@ class Trainer:
             self.metrics.info(f"phase {ph.index}: steps {ph.start}-{ph.end}, block size {ph.block_size}, global "
                               f"batch {ph.global_batch} (micro {ph.micro} x accumulation {ph.accum})")
 
+
+    def _agree(self) -> list[float]:
+        """The stop signal and the elapsed time, the same on all ranks, without a wait between steps: each
+        step starts a host all-reduce of its own values (gloo, its own group) and acts on the one the step
+        before started, which completed while this step computed. A signal is thus acted on one step after
+        it arrives, by every rank at the same step. (One rank: no collective, no delay.)"""
+        started = dist.all_reduce_async([float(self.stop_flag.signum), self._elapsed()], "max")
+        if not started.in_flight:  # one rank: nothing to agree on
+            return started.wait()
+        previous, self.control = self.control, started
+        return (previous or started).wait()
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         bad = 0.0 if torch.isfinite(loss.detach()).item() else 1.0  # the one host sync per micro-batch

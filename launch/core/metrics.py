@@ -68,7 +68,7 @@ class MetricsLog:
                  progress: bool = True, tracker=None):
         self.enabled, self.total, self.tracker = enabled, total_steps, tracker
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.bar = None
+        self.bar, self.refreshed = None, 0.0
         self.t_start, self.start_step = time.time(), start_step
         self.previous_max_step = 0
         if not enabled:
@@ -98,7 +98,10 @@ class MetricsLog:
             if record:
                 self.bar.set_postfix({k: _short(record[k]) for k in ("loss", "tokens_per_s", "lr")
                                       if k in record and record[k] is not None}, refresh=False)
-            self.bar.refresh()
+            now = time.time()
+            if record or now - self.refreshed >= 0.5:  # terminal writes at most twice a second between logs
+                self.bar.refresh()
+                self.refreshed = now
         elif record:
             done = max(step - self.start_step, 1)
             eta = (time.time() - self.t_start) / done * (self.total - step)

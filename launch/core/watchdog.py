@@ -27,7 +27,7 @@ class Heartbeat:
         self.step = 0
         self.paused = False
         self._lock = threading.Lock()
-        self._written, self._wrote = 0.0, None
+        self._wrote = None
         self.beat(0)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, name="bertlaunch-watchdog", daemon=True)
@@ -35,11 +35,11 @@ class Heartbeat:
             self.thread.start()
 
     def beat(self, step: int) -> None:
-        """Main thread, after each step: records progress; the file is written at most once a second
-        here, and the watchdog thread writes any newer step at each poll, so a rank that hangs right
-        after a step still shows that step (and the time of that step) to the others."""
+        """Main thread, after each step: records progress in memory only (no file I/O between steps); the
+        watchdog thread writes any newer step at each poll, so a rank that hangs right after a step still
+        shows that step (and the time of that step) to the others."""
         self.last, self.step = time.time(), step
-        if step == 0 or self.last - self._written >= 1.0:
+        if step == 0:
             self._write()
 
     def _write(self) -> None:
@@ -50,7 +50,7 @@ class Heartbeat:
             tmp = self.path.with_suffix(".part")
             tmp.write_text(f"{step} {min(last, time.time()):.3f} {os.getpid()}\n")
             os.replace(tmp, self.path)
-            self._written, self._wrote = time.time(), (step, last)
+            self._wrote = (step, last)
 
     def pause(self) -> None:
         """From now on, long single-rank work (rank 0's final export) is not a hang. Later beats (a save)
