@@ -206,7 +206,7 @@ def test_hung_rank_is_named_and_the_others_exit_within_the_timeout(pretrain_cfg,
 @pytest.mark.slow
 def test_killed_rank_ends_the_job(tmp_path, pretrain_cfg, corpus):
     """Through the real `deepspeed` launcher: a rank SIGKILLed mid-run ends the whole job quickly."""
-    cfg = pretrain_cfg([corpus(300)], {"train.dist_timeout_s": 20, "train.max_steps": 400})
+    cfg = pretrain_cfg([corpus(300)], {"train.dist_timeout_s": 12, "train.max_steps": 400})
     job = Job("pretrain", 2, cfg, [], launcher="deepspeed")
     beats = tmp_path / "out" / ".heartbeat" / "rank_00001"
     job.wait_until(lambda: beats.is_file() and int(beats.read_text().split()[0]) >= 3, 300, "rank 1 at step 3")

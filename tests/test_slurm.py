@@ -66,13 +66,19 @@ def wait_done(job: str, timeout=900, until=None) -> dict:
     raise AssertionError(f"job {job} did not finish in {timeout}s: {job_info(job)}")
 
 
+RELEASED: set[str] = set()
+
+
 def release_requeued(job: str, info: dict) -> bool:
     """True once the job was requeued. SLURM holds a requeued job back (its begin time, ~3 min here) before
-    it may start again; the test lets it start at once (scontrol update StartTime=now)."""
+    it may start again; the test lets it start 3 s later, once. Not at once: slurmd refuses a credential of
+    the job made in the same second as the old one's revocation ("Job credential revoked"), which failed
+    this test now and then when it released the job with StartTime=now."""
     if int(info.get("Restarts", 0)) < 1:
         return False
-    if info.get("JobState") == "PENDING":
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+    if info.get("JobState") == "PENDING" and job not in RELEASED:
+        RELEASED.add(job)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], capture_output=True)
     return True
 
 
