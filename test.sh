@@ -8,7 +8,9 @@ bash setup.sh
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=offline DS_ACCELERATOR=cpu PYTHONUNBUFFERED=1
 ruff check .
-# a one-node SLURM for the tests marked `slurm` (skipped, and said so, where it cannot be started)
-bash .ci/slurm-cluster.sh || echo "test.sh: SLURM could not be started; the slurm tests will be skipped and say so"
+# SLURM for the tests marked `slurm`: two emulated nodes (network namespaces, see the script), else one
+# node (the multi-node tests then skip, or fail under CI), else none (the slurm tests skip and say so)
+bash .ci/slurm-cluster.sh --nodes 2 || bash .ci/slurm-cluster.sh \
+    || echo "test.sh: SLURM could not be started; the slurm tests will be skipped and say so"
 # pytest's own exit code is kept: 5 (no tests collected) fails like any other failure
 python -m pytest -q --durations=15 -m "slow or not slow" "$@" tests/

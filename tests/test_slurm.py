@@ -66,19 +66,20 @@ def wait_done(job: str, timeout=900, until=None) -> dict:
     raise AssertionError(f"job {job} did not finish in {timeout}s: {job_info(job)}")
 
 
-RELEASED: set[str] = set()
+REQUEUED_AT: dict[str, float] = {}
 
 
 def release_requeued(job: str, info: dict) -> bool:
     """True once the job was requeued. SLURM holds a requeued job back (its begin time, ~3 min here) before
-    it may start again; the test lets it start 3 s later, once. Not at once: slurmd refuses a credential of
-    the job made in the same second as the old one's revocation ("Job credential revoked"), which failed
-    this test now and then when it released the job with StartTime=now."""
+    it may start again; the test lets it start 3 s after the requeue (scontrol update StartTime=now, which
+    also wakes the scheduler). Not at once: slurmd refuses a credential of the job made in the same second
+    as the old one's revocation ("Job credential revoked"), which failed this test now and then."""
     if int(info.get("Restarts", 0)) < 1:
         return False
-    if info.get("JobState") == "PENDING" and job not in RELEASED:
-        RELEASED.add(job)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"], capture_output=True)
+    if info.get("JobState") == "PENDING":
+        first = REQUEUED_AT.setdefault(job, time.time())
+        if time.time() - first >= 3:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     return True
 
 
@@ -87,27 +88,88 @@ def log_of(tmp_path, job) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def test_two_task_pretraining_job_preempted_requeues_and_matches(tmp_path, tiny_config, corpus):
-    """The reference is the same config run as 2 ranks outside SLURM: srun's ranks must train identically."""
-    cfg = tiny_config("pretrain", {"data.train_files": [corpus(600)], "train.max_steps": 40, "train.warmup_steps": 0,
+def two_nodes() -> list[str]:
+    """The cluster's nodes when it has two or more (.ci/slurm-cluster.sh --nodes 2, as CI starts it); else the
+    multi-node tests skip, or fail where BERTLAUNCH_REQUIRE_SLURM=1 (CI)."""
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True).stdout.split()
+    if len(nodes) < 2:
+        msg = f"a 2-node cluster is needed (bash .ci/slurm-cluster.sh --nodes 2); this one has {nodes}"
+        if os.environ.get("BERTLAUNCH_REQUIRE_SLURM") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return sorted(nodes)[:2]
+
+
+def test_two_nodes_match_one_machine_through_preemption_and_torchrun(tmp_path, tiny_config, corpus):
+    """sbatch --nodes=2 --ntasks-per-node=1 trains bit-identically to 2 ranks on one machine (which srun's ranks
+    on one node also match), also when preempted mid-run (USR1 to the batch script, checkpoint, exit 75,
+    requeue, resume on both nodes); and so does torchrun --nnodes 2 across the two nodes."""
+    nodes = two_nodes()
+    cfg = tiny_config("pretrain", {"data.train_files": [corpus(600)], "train.max_steps": 24, "train.warmup_steps": 0,
                                    "deepspeed.config": "ds_configs/zero2.json", "log.wandb.mode": "offline",
                                    "checkpoint.every": 5, "checkpoint.keep_last": 2})
-    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    run("pretrain", 2, cfg, [f"output_dir={straight}", "log.wandb.mode=disabled"])
-
-    job = sbatch("pretrain.sbatch", [str(cfg), f"output_dir={preempted}"], ["--ntasks-per-node=2"], tmp_path)
-    wait_done(job, until=lambda i: last_step(preempted / "metrics.jsonl") >= 12)
+    one_node, two_node = tmp_path / "one_node", tmp_path / "two_node"
+    run("pretrain", 2, cfg, [f"output_dir={one_node}", "log.wandb.mode=disabled"])
+    job = sbatch("pretrain.sbatch", [str(cfg), f"output_dir={two_node}"], ["--nodes=2", "--ntasks-per-node=1"],
+                 tmp_path)
+    wait_done(job, until=lambda i: last_step(two_node / "metrics.jsonl") >= 8)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1 does
     info = wait_done(job, until=lambda i: release_requeued(job, i) and i.get("JobState") == "COMPLETED")
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log_of(tmp_path, job)
     log = log_of(tmp_path, job)
+    assert f"on {nodes[0][:-1]}[1-2]" in log or f"on {','.join(nodes)}" in log, log[:500]
     assert "ranks exited with code 75" in log and "requeueing job" in log and "resumed from" in log
-    assert losses(preempted) == losses(straight)  # per-step losses bit-identical across the preemption
-    trainers = sorted((preempted / "checkpoints").glob("step_*/trainer.json"))
+    assert losses(two_node) == losses(one_node)  # per-step losses bit-identical across nodes and the preemption
+    trainers = sorted((two_node / "checkpoints").glob("step_*/trainer.json"))
     assert json.loads(trainers[-1].read_text())["world_size"] == 2
     # the requeued job continued the same (offline) wandb run
-    runs = {p.name.rsplit("-", 1)[-1] for p in (preempted / "wandb").glob("offline-run-*")}
+    runs = {p.name.rsplit("-", 1)[-1] for p in (two_node / "wandb").glob("offline-run-*")}
     assert len(runs) == 1
+    # without SLURM: torchrun --nnodes 2 (c10d rendezvous on node1), one agent in each node's namespaces
+    with_torchrun = tmp_path / "torchrun"
+    agents = [subprocess.Popen(
+        ["nsenter", f"--net=/run/netns/{node}", "unshare", "--uts", "sh", "-c",
+         f"hostname {node} && exec {REPO}/.venv/bin/python -m torch.distributed.run --nnodes 2 --nproc_per_node 1 "
+         f"--rdzv_backend c10d --rdzv_endpoint {nodes[0]}:29477 --rdzv_id t{os.getpid()} launch/pretrain.py "
+         f"--config {cfg} output_dir={with_torchrun} log.wandb.mode=disabled"],
+        cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in nodes]
+    outs = [a.communicate(timeout=600)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert losses(with_torchrun) == losses(one_node)
+
+
+def test_two_node_checkpoint_resumes_on_one_task_exactly_once(tmp_path, tiny_config, corpus):
+    """Stopped on 2 nodes (USR1, no requeue: MAX_REQUEUES=0), resumed as 1 task on 1 node: every document of
+    every finished epoch trained exactly once (audit); and --dry-run under srun on 2 nodes names both."""
+    from data.tokenize import load_spec
+    from tests.helpers import audited_tokens, doc_tokens
+
+    two_nodes()
+    files = [corpus(40, name="a.txt", seed=1), corpus(25, name="b.txt", seed=2)]
+    cfg = tiny_config("pretrain", {"data.train_files": files, "train.max_steps": 40, "train.warmup_steps": 0,
+                                   "data.block_size": 32, "data.audit": True, "train.micro_batch_size": 4,
+                                   "train.global_batch_size": 8, "checkpoint.every": 3})
+    out = tmp_path / "out"
+    dry = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=1", *CPU_ONLY, str(REPO / ".venv/bin/python"),
+                          "launch/pretrain.py", "--config", str(cfg), "--dry-run"], cwd=REPO, env=env(),
+                         capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert "world size 2" in dry.stdout and "node1" in dry.stdout and "node2" in dry.stdout, dry.stdout[:1500]
+    job = sbatch("pretrain.sbatch", [str(cfg)], ["--nodes=2", "--ntasks-per-node=1", "--export=ALL,MAX_REQUEUES=0"],
+                 tmp_path)
+    wait_done(job, until=lambda i: last_step(out / "metrics.jsonl") >= 10)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    assert wait_done(job)["JobState"] == "FAILED" and "not requeueing" in log_of(tmp_path, job)  # exit 75
+    job = sbatch("pretrain.sbatch", [str(cfg)], ["--nodes=1", "--ntasks-per-node=1"], tmp_path)
+    assert wait_done(job)["JobState"] == "COMPLETED", log_of(tmp_path, job)
+    assert "resized from 2 rank(s)" in log_of(tmp_path, job)
+    trainer = json.loads(sorted((out / "checkpoints").glob("step_*/trainer.json"))[-1].read_text())
+    done = min(st["epoch"] for st in trainer["streams"])
+    assert done >= 1
+    truth, seen = doc_tokens([str(f) for f in files], load_spec("bert-base-uncased")), audited_tokens(out)
+    for epoch in range(done):
+        assert {d: n for (e, d), n in seen.items() if e == epoch} == truth, epoch
+    assert all(n <= truth[d] for (_, d), n in seen.items())
 
 
 def test_job_array_of_two_finetunes(tmp_path, tiny_config, pairs):

@@ -7,6 +7,7 @@ training processes would). Every problem found is printed, and the exit code is 
 from __future__ import annotations
 
 import math
+import socket
 import sys
 
 from data.sources import file_sizes, resolve_files
@@ -23,8 +24,10 @@ def _show_plan(cfg, workers: int, problems: list[str], **plan_args) -> tuple[dis
     info = dist.detect()
     p, more = make_plan(cfg, info.world_size, **plan_args)
     problems += more
+    nodes = dist.slurm_nodes() if info.launcher == "slurm" else []
     print(f"launcher      {info.launcher}: world size {info.world_size} (rank {info.rank}, local rank "
-          f"{info.local_rank} of {info.local_world_size}), master {info.master_addr}:{info.master_port}")
+          f"{info.local_rank} of {info.local_world_size}), master {info.master_addr}:{info.master_port}"
+          + (f"; {len(nodes)} node(s): {', '.join(nodes)} (this rank on {socket.gethostname()})" if nodes else ""))
     print(f"batch         global {p.global_batch} = micro {cfg.train.micro_batch_size} x accumulation {p.accum} x "
           f"world {info.world_size}; {workers} dataloader worker(s) per rank")
     print(f"steps         {p.total_steps}" + (f" ({p.steps_per_epoch} per epoch)" if p.steps_per_epoch else "")

@@ -67,18 +67,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def slurm_master_addr(env) -> str:
+def slurm_nodes(env=None) -> list[str]:
+    """The hosts of this SLURM step (or job), in order; [] outside SLURM."""
+    env = os.environ if env is None else env
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
-        return "127.0.0.1"
+        return []
     try:  # scontrol knows every syntax; fall back to our parser where it is missing
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
                              text=True, timeout=20, check=True).stdout.split()
         if out:
-            return out[0]
+            return out
     except (OSError, subprocess.SubprocessError):
         pass
-    return expand_nodelist(nodelist)[0]
+    return expand_nodelist(nodelist)
+
+
+def slurm_master_addr(env) -> str:
+    nodes = slurm_nodes(env)
+    return nodes[0] if nodes else "127.0.0.1"
 
 
 def detect(env=None) -> DistInfo:
