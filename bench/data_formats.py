@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.data_pipeline import our_batches  # noqa: E402
+from bench.data_pipeline import our_batches, raw_tokenizer  # noqa: E402
 from bench.env import bench_parser, machine_info, write_result  # noqa: E402
 
 
@@ -48,16 +48,6 @@ def write_formats(texts: list[str], shards: int, tmp: Path) -> dict[str, list[st
         pq.write_table(pa.table({"text": part}), path, row_group_size=2000)
         out["parquet"].append(str(path))
     return out
-
-
-def raw_tokenizer(texts: list[str], hf_tok) -> dict:
-    backend = hf_tok.backend_tokenizer
-    t0 = time.perf_counter()
-    n = 0
-    for i in range(0, len(texts), 1000):
-        n += sum(len(e.ids) for e in backend.encode_batch(texts[i:i + 1000], add_special_tokens=True))
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens": n, "tokens_per_s": n / dt}
 
 
 def hf_streaming(kind: str, files: list[str], hf_tok, block: int, batch: int) -> dict:
