@@ -42,6 +42,7 @@ CPUS=$(nproc)
 MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 HOST=$(hostname -s)
 pkill -x slurmd || true; pkill -x slurmctld || true
+for _ in $(seq 20); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 0.5; done
 for ns in $(ip netns list 2>/dev/null | awk '/^node[0-9]/ {print $1}'); do ip netns del "$ns" || true; done
 ip link del br-slurm 2>/dev/null || true
 sed -i '/# slurm-cluster.sh$/d' /etc/hosts
@@ -52,6 +53,7 @@ if [ "$NODES" -gt 1 ]; then
     CTL="${HOST}(10.77.0.1)"
     NODELINES=""
     for i in $(seq "$NODES"); do
+        ip link del "veth-node$i" 2>/dev/null || true  # left over when the old namespace was still busy
         ip netns add "node$i"
         ip link add "veth-node$i" type veth peer name eth0 netns "node$i"
         ip link set "veth-node$i" master br-slurm up
