@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import signal
+import socket
 import time
 import tracemalloc
 
@@ -201,6 +202,7 @@ def test_hung_rank_is_named_and_the_others_exit_within_the_timeout(pretrain_cfg,
     proc = run("pretrain", 2, cfg, [], check=False, timeout=240, BERTLAUNCH_HANG_RANK=1, BERTLAUNCH_HANG_AT_STEP=4)
     assert proc.returncode != 0 and time.time() - t0 < 150
     assert "[rank 0] error: no progress for" in proc.stderr and "waiting on rank 1 (last step 3" in proc.stderr
+    assert f"ago, on {socket.gethostname()})" in proc.stderr  # the host of the rank that hung is named
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ silent (the hung or dead ones), and ends the process with exit code 4, so launch
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -48,7 +49,7 @@ class Heartbeat:
             if (step, last) == self._wrote:
                 return
             tmp = self.path.with_suffix(".part")
-            tmp.write_text(f"{step} {min(last, time.time()):.3f} {os.getpid()}\n")
+            tmp.write_text(f"{step} {min(last, time.time()):.3f} {os.getpid()} {socket.gethostname()}\n")
             os.replace(tmp, self.path)
             self._wrote = (step, last)
 
@@ -61,24 +62,27 @@ class Heartbeat:
         """End the watchdog thread (the run is over; the process may go on, e.g. inside tests)."""
         self._stop.set()
 
-    def others(self) -> dict[int, tuple[int, float]]:
+    def others(self) -> dict[int, tuple[int, float, str]]:
+        """Every rank's last heartbeat: (step, time, host); (-1, 0, "?") when it never wrote one."""
         out = {}
         for r in range(self.world):
             try:
-                step, t, _ = (self.dir / f"rank_{r:05d}").read_text().split()
-                out[r] = (int(step), float(t))
+                step, t, _, host = (self.dir / f"rank_{r:05d}").read_text().split()
+                out[r] = (int(step), float(t), host)
             except (OSError, ValueError):
-                out[r] = (-1, 0.0)
+                out[r] = (-1, 0.0, "?")
         return out
 
     def diagnose(self) -> str:
         beats = self.others()
         now = time.time()
-        front = max(step for step, _ in beats.values())
-        culprits = [r for r, (step, t) in beats.items() if r != self.rank and (step < front or now - t > self.timeout)]
+        front = max(step for step, _, _ in beats.values())
+        culprits = [r for r, (step, t, _) in beats.items()
+                    if r != self.rank and (step < front or now - t > self.timeout)]
         if not culprits:
-            culprits = [r for r, (step, _) in beats.items() if step < front] or sorted(beats)
-        desc = ", ".join(f"rank {r} (last step {beats[r][0]}, {now - beats[r][1]:.0f}s ago)" for r in culprits)
+            culprits = [r for r, (step, _, _) in beats.items() if step < front] or sorted(beats)
+        desc = ", ".join(f"rank {r} (last step {beats[r][0]}, {now - beats[r][1]:.0f}s ago, on {beats[r][2]})"
+                         for r in culprits)
         return desc
 
     def stalled_for(self) -> float | None:
