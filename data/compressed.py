@@ -15,6 +15,8 @@ import gzip
 import lzma
 import zlib
 
+from data.storage import open_binary
+
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 READ_SIZE = 1 << 16
 
@@ -37,8 +39,6 @@ class _Counting:
     """The compressed file, counting the bytes the decompressor has taken (for ratio estimates)."""
 
     def __init__(self, path: str):
-        from data.storage import open_binary
-
         self.f, self.n = open_binary(path), 0
 
     def read(self, n: int = -1) -> bytes:
@@ -187,8 +187,6 @@ class Window:
 def open_bytes(path: str):
     """A binary file object over the (decompressed) bytes of `path`."""
     kind = compression_of(path)
-    from data.storage import open_binary
-
     return Window(path, kind) if kind else open_binary(path)
 
 

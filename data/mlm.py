@@ -175,7 +175,9 @@ class Loader:
         for batch in self.dataloader:
             for k, v in batch.items():
                 if isinstance(v, np.ndarray):
-                    batch[k] = torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)
+                    v = batch[k] = torch.from_numpy(v)
+                if pin and isinstance(v, torch.Tensor):  # batches made in this process (no workers) too
+                    batch[k] = v.pin_memory()
             yield batch
 
 

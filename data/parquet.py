@@ -12,6 +12,8 @@ from __future__ import annotations
 import difflib
 import math
 
+from data.storage import StorageError, open_binary, size
+
 
 def is_parquet(path: str) -> bool:
     return str(path).endswith(".parquet")
@@ -25,7 +27,6 @@ class ParquetReader:
         import pyarrow.parquet as pq
 
         from data.sources import DataError
-        from data.storage import StorageError, open_binary, size
 
         self.path, self.text_field = path, text_field
         try:
@@ -58,8 +59,6 @@ class ParquetReader:
 
     def pieces(self, seg):
         import pyarrow.parquet as pq
-
-        from data.storage import open_binary
 
         b = self.per_row
         first = seg.lo // b if seg.resume is not None else -(-seg.lo // b)  # a resume points at its row

@@ -114,13 +114,13 @@ def expand(pattern: str) -> list[str]:
     if has_glob:
         found = _call(pattern, "list the files", lambda: fs.glob(path, detail=True))
         return sorted(f"{proto}://{p}" for p, info in found.items() if info.get("type") != "directory")
-    try:
-        is_file = _call(pattern, "look up the file", lambda: fs.isfile(path))
-    except StorageError as e:
-        if "not found" in str(e):
-            return []
-        raise
-    return [pattern] if is_file else []
+    def is_file() -> bool:
+        try:
+            return fs.isfile(path)
+        except FileNotFoundError:  # a missing file is no match, like a local path
+            return False
+
+    return [pattern] if _call(pattern, "look up the file", is_file) else []
 
 
 def size(path: str) -> int:
@@ -136,11 +136,6 @@ def open_binary(path: str):
     if not is_remote(path):
         return open(path, "rb")
     return RetryingFile(path)
-
-
-def read_bytes(path: str) -> bytes:
-    with open_binary(path) as f:
-        return f.read()
 
 
 class RetryingFile:

@@ -121,12 +121,12 @@ def _show_data(cfg, spec, tok, n_streams: int, p) -> None:
         print(f"data          token cache {d.cache}: {len(files)} shard(s), {est / 1e6:.2f}M tokens, "
               f"~{slots / max(est, 1):.2f} epoch(s) in this run, {n_streams} stream(s)")
     elif sources:
+        from data.mixture import shares
+
         files, sizes = [], []
-        total_w = sum(src.weight for src in sources)
         print(f"data          a mixture of {len(sources)} sources, {n_streams} stream(s) each:")
-        for src in sources:
+        for src, share in zip(sources, shares(sources)):
             kind, size, est = _describe(src.files, src.sizes, spec, src.text_field)
-            share = src.weight / total_w
             print(f"  {src.name:<12}{kind}, {len(src.files)} file(s), {size}, ~{_count(est)} tokens; weight "
                   f"{src.weight:g} -> {share:.1%} of blocks, ~{share * slots / max(est, 1):.2f} epoch(s) in this run")
     else:
@@ -180,6 +180,7 @@ def _describe(files: list[str], sizes: list[int], spec, text_field: str) -> tupl
 
     from data.compressed import compression_of, inner_name, open_bytes
     from data.parquet import ParquetReader, is_parquet
+    from data.sources import JSONL_SUFFIXES
 
     kinds = Counter(".".join(f.rsplit("/", 1)[-1].split(".")[-2 if compression_of(f) else -1:]) for f in files)
     kind = ", ".join(f"{k}" + (f" x{n}" if n > 1 else "") for k, n in kinds.items())
@@ -207,7 +208,7 @@ def _describe(files: list[str], sizes: list[int], spec, text_field: str) -> tupl
             if len(sample) >= 2 << 20:
                 break
         text = sample.decode("utf-8", errors="replace")
-        if any(inner_name(f).endswith((".jsonl", ".json", ".ndjson")) for f in files):
+        if any(inner_name(f).endswith(JSONL_SUFFIXES) for f in files):
             text = "\n".join(_jsonl_texts(text, text_field))
         est += math.ceil(sum(map(len, spec.encode([text]))) / max(stored, 1) * text_bytes)
     size = (f"{text_bytes / 1e6:.1f} MB" if text_bytes else "") + (", " if text_bytes and rows else "") \
