@@ -9,8 +9,9 @@ How the corpus is cut into shards depends only on its contents, not on how it is
   file and row r of a .parquet file are the same unit, so X.jsonl, X.jsonl.gz, X.jsonl.zst, X.parquet and
   s3://.../X.parquet give the same shards, byte for byte;
 - text corpora (.txt) are cut by decompressed byte, so X.txt and X.txt.gz give the same shards.
-A worker finds where its records start by counting newlines from the file start (through the
-decompressor for compressed files), which costs a read of the bytes before them, not a tokenization.
+The counting pass over a .jsonl file also notes where every LINE_STEP-th line starts, so a worker finds
+where its records start by reading from the nearest noted line, not from the file start (a compressed
+file is still decompressed up to there, but not tokenized).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _build_shard(job) -> tuple[int, int, int]:
 
     configure(*storage_settings)  # a spawned worker: the parent's storage options and retry policy
     if opts["records"]:  # segments in records (lines / rows): to the readers' byte (or virtual) offsets
-        segs = [_record_segment(files[seg.file], seg) for seg in segs]
+        segs = [_record_segment(files[seg.file], seg, opts["line_starts"][seg.file]) for seg in segs]
     readers = text_readers(files, opts["mode"], opts["text_field"], opts["max_chunk_bytes"], opts["errors"],
                            whole_compressed=False)  # segments are decompressed byte ranges here
     stream = TextStream(readers, [0] * len(files), spec, block_size=1, last_block="pad",
@@ -70,8 +71,15 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
 
     files = resolve_files(files)
     records = all(is_parquet(f) or inner_name(f).endswith(JSONL_SUFFIXES) for f in files)
+    line_starts: list[list[int] | None] = [None] * len(files)
     if records:  # each file's extent = its records (jsonl lines, parquet rows): one counting pass
-        sizes = [ParquetReader(f, None).rows if is_parquet(f) else _count_lines(f) for f in files]
+        sizes = []
+        for i, f in enumerate(files):
+            if is_parquet(f):
+                sizes.append(ParquetReader(f, None).rows)
+            else:
+                n, line_starts[i] = _count_lines(f)
+                sizes.append(n)
     else:  # compressed files count by their decompressed bytes (one decompression pass to measure them)
         sizes = [decompressed_size(f) if compression_of(f) else n for f, n in zip(files, file_sizes(files))]
     spec = load_spec(tokenizer)
@@ -82,7 +90,7 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / META).unlink(missing_ok=True)
     opts = {"mode": mode, "text_field": text_field, "max_chunk_bytes": max_chunk_bytes, "errors": errors,
-            "records": records}
+            "records": records, "line_starts": line_starts}
     jobs = [(i, segs, files, spec, opts, str(outdir), settings()) for i, segs in enumerate(plan)]
     t0 = time.time()
     if workers > 1:
@@ -106,24 +114,34 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
 
 
 
-def _count_lines(path: str) -> int:
-    """Records of a .jsonl file: its lines, the last one counted also without a final newline."""
-    n, last = 0, b"\n"
+LINE_STEP = 1 << 14  # a .jsonl file's line index notes the start of every LINE_STEP-th line
+
+
+def _count_lines(path: str) -> tuple[int, list[int]]:
+    """Records of a .jsonl file (its lines, the last one counted also without a final newline), and the byte
+    offset where line j x LINE_STEP starts, for every j."""
+    n, pos, last, starts = 0, 0, b"\n", [0]
     with open_bytes(path) as f:
         while chunk := f.read(1 << 22):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    return n + (last != b"\n")
+            c = chunk.count(b"\n")
+            if n + c >= len(starts) * LINE_STEP:  # a noted line starts in this chunk: find its newline
+                newlines = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+                while n + c >= len(starts) * LINE_STEP:  # line L starts after the L-th newline
+                    starts.append(pos + int(newlines[len(starts) * LINE_STEP - n - 1]) + 1)
+            n, pos, last = n + c, pos + len(chunk), chunk[-1:]
+    return n + (last != b"\n"), starts
 
 
-def _record_segment(path: str, seg: Segment) -> Segment:
+def _record_segment(path: str, seg: Segment, line_starts: list[int] | None) -> Segment:
     """Records [lo, hi) of a file as the reader's Segment: parquet rows at their virtual offsets, jsonl lines
-    at the byte offsets where they start (found by counting newlines from the file start)."""
+    at the byte offsets where they start (counting newlines from the noted line at or before lo)."""
     if is_parquet(path):
         per_row = ParquetReader(path, None).per_row
         return Segment(seg.file, seg.lo * per_row, seg.hi * per_row)
-    bounds, line, pos, want = {}, 0, 0, len({seg.lo, seg.hi})
+    j = min(seg.lo // LINE_STEP, len(line_starts) - 1)
+    bounds, line, pos, want = {}, j * LINE_STEP, line_starts[j], len({seg.lo, seg.hi})
     with open_bytes(path) as f:
+        f.seek(pos)
         while len(bounds) < want:
             for target in (seg.lo, seg.hi):
                 if target == line and target not in bounds:
