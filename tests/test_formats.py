@@ -155,6 +155,19 @@ def test_token_cache_is_the_same_from_every_format(tmp_path, spec):
         assert sum(len(docs) - 1 for _, docs in shards[0]) == (300 if mode == "blank_line" else 299)
 
 
+def test_record_split_from_the_line_index(tmp_path, monkeypatch):
+    """Shard jobs start counting lines at the noted line nearest their first record: with a line noted every
+    7 lines (instead of 16384), the shards of .jsonl and .jsonl.gz are unchanged."""
+    import data.prepare
+
+    jsonl, _ = parquet_corpus(tmp_path, n=300, row_group=37)
+    gz = compressed_copy(jsonl, ".gz")
+    want = [cache_shards(tmp_path / "default", f, workers=1) for f in (jsonl, gz)]
+    monkeypatch.setattr(data.prepare, "LINE_STEP", 7)
+    assert [cache_shards(tmp_path / "step7", f, workers=1) for f in (jsonl, gz)] == want
+    assert len(want[0]) > 5
+
+
 def parquet_corpus(tmp_path, n=300, row_group=37):
     import pyarrow as pa
     import pyarrow.parquet as pq
