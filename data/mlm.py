@@ -155,17 +155,39 @@ def make_loader(dataset, num_workers: int, prefetch_factor: int = 4) -> Loader:
 
 def for_transfer(batch: dict) -> dict:
     """Batches are complete when the dataset yields them (the default collate would walk every meta field).
-    In a loader worker, the batch's tensors become numpy arrays, which cross to the training process pickled
-    through the worker's pipe: torch hands tensors over as shared-memory segments, one file descriptor each,
-    at about 1 ms per tensor (5 per batch), 13x the time of the whole batch's bytes through the pipe."""
-    if get_worker_info() is None:
-        return batch
-    return {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    In a loader worker, the batch crosses to the training process pickled through the worker's pipe, as
+    numpy arrays (torch hands tensors over as shared-memory segments, one file descriptor each, at about
+    1 ms per tensor, 13x the time of the whole batch's bytes through the pipe), and compacted: token ids
+    in 16 bits where they fit, the attention mask as row lengths, the labels as the masked positions and
+    their targets (`mlm_rows`/`mlm_targets`). 14 KB instead of 107 KB for 32 x 128 tokens; `Loader`
+    rebuilds the int64 tensors, value for value."""
+    return batch if get_worker_info() is None else compact(batch)
+
+
+def compact(batch: dict) -> dict:
+    """The wire form of a `collate_blocks` batch (see `for_transfer`)."""
+    ids = batch["input_ids"].numpy()
+    small = np.uint16 if ids.size and int(ids.max()) < 1 << 16 else np.int32
+    return {"wire": (ids.astype(small), batch["attention_mask"].sum(1, dtype=torch.int32).numpy(),
+                     batch["mlm_rows"].numpy().astype(np.int32), batch["mlm_targets"].numpy().astype(np.int32)),
+            "meta": batch["meta"]}
+
+
+def from_wire(ids: np.ndarray, lengths: np.ndarray, rows: np.ndarray, targets: np.ndarray, meta: dict) -> dict:
+    """The batch `collate_blocks` made, from its compact form (`for_transfer`)."""
+    b, length = ids.shape
+    labels = np.full((b, length), -100, dtype=np.int64)
+    m = meta["n_masked"]  # rows past m pad the sparse head's rows to a multiple of 128 (target -100)
+    labels.reshape(-1)[rows[:m]] = targets[:m]
+    attn = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": torch.from_numpy(ids.astype(np.int64)), "labels": torch.from_numpy(labels),
+            "attention_mask": torch.from_numpy(attn), "mlm_rows": torch.from_numpy(rows.astype(np.int64)),
+            "mlm_targets": torch.from_numpy(targets.astype(np.int64)), "meta": meta}
 
 
 class Loader:
-    """Iterates a DataLoader, turning arrays from workers back into tensors (no copy; pinned when a GPU
-    will take them, so the host-to-device copy can be asynchronous)."""
+    """Iterates a DataLoader, rebuilding batches sent compact by workers (`for_transfer`); pinned when a GPU
+    will take them, so the host-to-device copy can be asynchronous."""
 
     def __init__(self, dataloader: DataLoader):
         self.dataloader = dataloader
@@ -173,11 +195,10 @@ class Loader:
     def __iter__(self):
         pin = torch.cuda.is_available()
         for batch in self.dataloader:
-            for k, v in batch.items():
-                if isinstance(v, np.ndarray):
-                    v = batch[k] = torch.from_numpy(v)
-                if pin and isinstance(v, torch.Tensor):  # batches made in this process (no workers) too
-                    batch[k] = v.pin_memory()
+            if "wire" in batch:
+                batch = from_wire(*batch["wire"], batch["meta"])
+            if pin:  # batches made in this process (no workers) too
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield batch
 
 

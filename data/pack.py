@@ -37,6 +37,7 @@ class Packer:
         self.block_size = block_size
         self.carry: list[PieceTokens] = []
         self.available = 0  # unused tokens in the carry
+        self.new_docs = 0  # documents started by the takes since the stream last collected this
 
     def add(self, piece: PieceTokens) -> None:
         # a fully used record is kept only as long as it is the last one: it marks the position
@@ -49,12 +50,21 @@ class Packer:
         """Where the next unemitted token is: (seg, piece offset, used, doc_start, doc_offset) or None."""
         return self.carry[0].position() if self.carry else None
 
+    def _touch(self, rec: PieceTokens) -> None:
+        """Count the documents a record starts when its first token is taken (not when it is added: a
+        record added but not reached yet is read again after a resume, and must not count twice). A
+        record is at used == 0 only once: taking moves it on, and an empty one (never a document's
+        start: that has [CLS]) is dropped when reached."""
+        if rec.used == 0:
+            self.new_docs += rec.n_docs if rec.n_docs is not None else int(rec.doc_start)
+
     def take(self, n: int | None = None, audit: list | None = None) -> np.ndarray:
         """Remove and return the next n (default block_size) tokens, or fewer at the end of the carry."""
         n = self.block_size if n is None else n
         parts, need = [], min(n, self.available)
         while need:
             rec = self.carry[0]
+            self._touch(rec)
             k = min(need, len(rec.tokens) - rec.used)
             parts.append(rec.tokens[rec.used: rec.used + k])
             if audit is not None:
@@ -66,21 +76,46 @@ class Packer:
                 self.carry.pop(0)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
-    def run_length(self) -> int:
-        """Whole blocks the first carry record alone can still give (token-cache pieces hold many)."""
-        rec = self.carry[0]
-        return (len(rec.tokens) - rec.used) // self.block_size
-
-    def take_run(self, k: int) -> np.ndarray:
-        """The next k full blocks, all from the first record: int32[k, block_size] (a view, no copy).
-        Same bookkeeping as k calls of `take`."""
-        rec, n = self.carry[0], k * self.block_size
-        out = rec.tokens[rec.used: rec.used + n].reshape(k, self.block_size)
-        rec.used += n
+    def take_blocks(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next k full blocks (k * block_size <= available) at once, with the same tokens and bookkeeping
+        as k calls of `take`: (int32[k, block_size], int64[k, 3] (seg, piece offset, used): where each block
+        starts, as `position()` would say before each take). A view when the first record holds them all
+        (token-cache pieces); otherwise one pass over the records, not one per block."""
+        size, n = self.block_size, k * self.block_size
+        first = self.carry[0]
+        if len(first.tokens) - first.used >= n:
+            self._touch(first)
+            tokens = first.tokens[first.used: first.used + n].reshape(k, size)
+            starts = np.empty((k, 3), dtype=np.int64)
+            starts[:, 0], starts[:, 1] = first.seg, first.offset
+            starts[:, 2] = first.used + size * np.arange(k)
+            first.used += n
+            self.available -= n
+            if first.used == len(first.tokens) and len(self.carry) > 1:
+                self.carry.pop(0)
+            return tokens, starts
+        parts, recs, cum, need = [], [], [], n  # cum: run offset of each record's first taken token
+        while need:
+            rec = self.carry[0]
+            self._touch(rec)
+            m = min(need, len(rec.tokens) - rec.used)
+            parts.append(rec.tokens[rec.used: rec.used + m])
+            recs.append((rec.seg, rec.offset, rec.used))
+            cum.append(n - need)
+            rec.used += m
+            need -= m
+            if rec.used == len(rec.tokens) and len(self.carry) > 1:
+                self.carry.pop(0)
         self.available -= n
-        if rec.used == len(rec.tokens) and len(self.carry) > 1:
-            self.carry.pop(0)
-        return out
+        info, cum_a = np.array(recs, dtype=np.int64), np.array(cum, dtype=np.int64)
+        ends = cum_a + np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+        at = size * np.arange(k, dtype=np.int64)
+        # block j starts in the first record with tokens left at `at` (end > at): the record `take` would
+        # find first in the carry (an empty record is only ever the carry's last: `add` drops it)
+        r = np.searchsorted(ends, at, side="right")
+        starts = info[r]
+        starts[:, 2] += at - cum_a[r]
+        return np.concatenate(parts).reshape(k, size), starts
 
     def full(self) -> bool:
         return self.available >= self.block_size

@@ -52,11 +52,12 @@ def _build_shard(job) -> tuple[int, int, int]:
     dtype = np.uint16 if spec.vocab_size <= 1 << 16 else np.uint32
     starts, n = [], 0
     with open(Path(out) / f"shard_{index:05d}.bin", "wb") as f:
-        for rec in stream._tokenized(stream.state, segs):  # pieces in order, [CLS]/[SEP] in place
-            if rec.doc_start:
-                starts.append(n)
-            rec.tokens.astype(dtype).tofile(f)
-            n += len(rec.tokens)
+        for recs in stream._tokenized(stream.state, segs):  # pieces in order, [CLS]/[SEP] in place
+            for rec in recs:
+                if rec.doc_start:
+                    starts.append(n)
+                rec.tokens.astype(dtype).tofile(f)
+                n += len(rec.tokens)
     np.save(Path(out) / f"shard_{index:05d}.docs.npy", np.array(starts + [n], dtype=np.int64))
     return index, n, len(starts)
 

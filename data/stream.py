@@ -164,7 +164,8 @@ class TextStream:
                 skip = 0
 
     def _tokenized(self, st: StreamState, segs: list[Segment]):
-        """PieceTokens in stream order; text is tokenized in batches of about READ_BATCH_BYTES."""
+        """Lists of PieceTokens in stream order: one list per tokenized read batch (about READ_BATCH_BYTES
+        of text), or a token-cache piece alone."""
         spec, batch, size = self.spec, [], 0
 
         def flush():
@@ -185,16 +186,16 @@ class TextStream:
             keep = np.stack([starts, ends], axis=1).ravel()
             flat = np.insert(flat, where[keep], marks[keep])
             edges = np.concatenate([[0], np.cumsum(n + starts + ends)]).tolist()
-            for k, (i, p, skip) in enumerate(batch):
-                doc_id = (self.base + segs[i].file) * (1 << 40) + p.doc_offset
-                yield PieceTokens(i, p.offset, p.doc_start, flat[edges[k]:edges[k + 1]], skip, p.doc_offset, doc_id)
+            base = [(self.base + segs[i].file) << 40 for i, _, _ in batch]
+            yield [PieceTokens(i, p.offset, p.doc_start, flat[edges[k]:edges[k + 1]], skip, p.doc_offset,
+                               base[k] + p.doc_offset) for k, (i, p, skip) in enumerate(batch)]
 
         for item in self._pieces(st, segs):
             i, p, skip = item
             if p.tokens is not None:  # pre-tokenized (token cache): [CLS]/[SEP] already in place
                 yield from flush()
                 batch, size = [], 0
-                yield PieceTokens(i, p.offset, p.doc_start, p.tokens, skip, p.doc_offset, -1, p.n_docs)
+                yield [PieceTokens(i, p.offset, p.doc_start, p.tokens, skip, p.doc_offset, -1, p.n_docs)]
                 continue
             batch.append(item)
             size += len(p.text)
@@ -209,13 +210,12 @@ class TextStream:
             segs = st.plan(self.sizes)
             fresh = st.segments is None
             packer, got_tokens = Packer(self.block_size), False
-            for rec in self._tokenized(st, segs):
-                if rec.used == 0:
-                    st.docs += rec.n_docs if rec.n_docs is not None else int(rec.doc_start)
-                packer.add(rec)
+            for recs in self._tokenized(st, segs):
+                for rec in recs:  # a whole read batch at once, so blocks can be cut from it in runs
+                    packer.add(rec)
                 got_tokens = True
                 while packer.full():
-                    k = 0 if self.audit else min(self.max_run, packer.run_length())
+                    k = 1 if self.audit else min(self.max_run, packer.available // self.block_size)
                     if k > 1:
                         yield self._emit_run(st, segs, packer, k)
                         continue
@@ -229,6 +229,7 @@ class TextStream:
             # end of this stream's epoch: the one short block, then the next epoch's plan
             start, audit = packer.position(), ([] if self.audit else None)
             tail = packer.take(audit=audit) if packer.available else None
+            st.docs, packer.new_docs = st.docs + packer.new_docs, 0
             where = ((st.epoch, self.base + segs[start[0]].file, start[1], start[2]) if start
                      else (st.epoch, self.base, 0, 0))
             audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
@@ -246,20 +247,21 @@ class TextStream:
         seg_i, off, used, _, _ = start
         pos = packer.position()
         st.blocks += 1
+        st.docs, packer.new_docs = st.docs + packer.new_docs, 0
         if pos is not None:
             st.seg_idx, st.pos = pos[0], tuple(pos[1:])
         audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
         return Block(tokens, (st.epoch, self.base + segs[seg_i].file, off, used), audit)
 
     def _emit_run(self, st: StreamState, segs, packer: Packer, k: int) -> Block:
-        """k full blocks from the first carry record; the state moves as after k `_emit`s."""
-        seg_i, off, used, _, _ = packer.position()
-        tokens = packer.take_run(k)
+        """k full blocks at once; the same blocks, keys and state as after k `_emit`s."""
+        tokens, starts = packer.take_blocks(k)
         where = np.empty((k, 4), dtype=np.int64)
-        where[:, 0], where[:, 1], where[:, 2] = st.epoch, self.base + segs[seg_i].file, off
-        where[:, 3] = used + self.block_size * np.arange(k)
+        where[:, 0], where[:, 2:] = st.epoch, starts[:, 1:]
+        where[:, 1] = [self.base + segs[i].file for i in starts[:, 0].tolist()]
         pos = packer.position()
         st.blocks += k
+        st.docs, packer.new_docs = st.docs + packer.new_docs, 0
         st.seg_idx, st.pos = pos[0], tuple(pos[1:])
         return Block(tokens, where, None)
 

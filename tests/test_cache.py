@@ -97,19 +97,25 @@ def test_training_from_the_cache(cached, tmp_path, tiny_config, inproc):
     assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
 
 
-def test_runs_of_blocks_equal_one_by_one(cached, spec):
-    """The cache fast path (a run of k blocks cut from one piece) gives the same tokens, mask keys and
-    stream states, batch by batch, as cutting blocks one at a time."""
+@pytest.mark.parametrize("source", ["cache", "text"])
+def test_runs_of_blocks_equal_one_by_one(cached, spec, source):
+    """Runs of k blocks cut at once (from one cache piece, or across a read batch of text pieces) give the
+    same tokens, mask keys and stream states (documents counted included), batch by batch, as cutting blocks
+    one at a time. The text case has documents split into several pieces (max_chunk_bytes) and resumes."""
     from data.mlm import MLMDataset, MLMSettings, initial_states
 
-    _, cache, _ = cached
-    _, sizes = shard_names_and_sizes(cache)
-    s = MLMSettings(block_size=16, micro_batch_size=7, mlm_probability=0.15, whole_word_masking=False, seed=3)
-
+    files, cache, _ = cached
+    if source == "cache":
+        _, sizes, files = *shard_names_and_sizes(cache), None
+    else:
+        sizes, cache = file_sizes(files), None
+    s = MLMSettings(block_size=16, micro_batch_size=7, mlm_probability=0.15, whole_word_masking=False, seed=3,
+                    max_chunk_bytes=48)
     runs_seen = []
 
-    def batches(max_run_cap):
-        ds = MLMDataset(None, sizes, spec, s, initial_states(0, 1, 1), finite=True, cache=cache)
+    def batches(max_run_cap, state=None):
+        ds = MLMDataset(files, sizes, spec, s, [state] if state else initial_states(0, 1, 1), finite=True,
+                        cache=cache)
         stream = ds.stream_for(ds.states[0])
         original = type(stream).__iter__
 
@@ -139,6 +145,12 @@ def test_runs_of_blocks_equal_one_by_one(cached, spec):
         for key in ("input_ids", "labels", "attention_mask", "mlm_rows", "mlm_targets"):
             assert a[key].equal(b[key]), key
         assert a["meta"]["state"] == b["meta"]["state"]
+    assert one[-1]["meta"]["state"]["docs"] == 383  # every document counted once
+    # resumed from a mid-epoch state, runs continue exactly as the uninterrupted ones (docs not recounted)
+    k = len(one) // 3
+    resumed = batches(10**6, one[k]["meta"]["state"])
+    assert [b["meta"]["state"] for b in resumed] == [b["meta"]["state"] for b in one[k + 1:]]
+    assert all(a["input_ids"].equal(b["input_ids"]) for a, b in zip(resumed, one[k + 1:]))
 
 
 def test_prepare_cli_builds_the_same_cache(cached, tmp_path, capsys):

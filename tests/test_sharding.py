@@ -101,6 +101,40 @@ def audit_loader(files, spec, world, workers, block=32, micro=4):
     return per_doc
 
 
+def test_worker_batches_equal_in_process_batches(tmp_path, spec):
+    """Batches from a loader worker cross the pipe compacted (16-bit ids, row lengths, masked rows) and are
+    rebuilt in the training process: the same int64 tensors, value for value, as made in-process."""
+    files = uneven_files(tmp_path, "blank_line", 3)
+    settings = MLMSettings(32, 4, 0.15, False, 0)
+
+    def batches(workers):
+        ds = MLMDataset(files, file_sizes(files), spec, settings, initial_states(0, 1, 1), finite=True)
+        return list(make_loader(ds, workers))
+
+    local, remote = batches(0), batches(1)
+    assert len(local) == len(remote) > 5
+    for a, b in zip(local, remote):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            if k == "meta":
+                assert v == b[k]
+            else:
+                assert v.dtype == b[k].dtype == torch.int64 and torch.equal(v, b[k]), k
+
+
+def test_wire_form_keeps_ids_above_16_bits():
+    from data.mlm import compact, from_wire
+
+    ids = torch.tensor([[70000, 5, 1, 0], [3, 65536, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+             "labels": torch.tensor([[70000, -100, -100, -100], [-100, 65536, -100, -100]]),
+             "mlm_rows": torch.tensor([0, 5, 0, 0]), "mlm_targets": torch.tensor([70000, 65536, -100, -100]),
+             "meta": {"n_masked": 2}}
+    back = from_wire(*compact(batch)["wire"], batch["meta"])
+    for k in ("input_ids", "attention_mask", "labels", "mlm_rows", "mlm_targets"):
+        assert back[k].dtype == torch.int64 and torch.equal(back[k], batch[k]), k
+
+
 def doc_token_counts(files, spec, mode="blank_line"):
     out = {}
     for fi, f in enumerate(files):
