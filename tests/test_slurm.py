@@ -7,13 +7,14 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 
 import pytest
 import yaml
 
-from tests.helpers import REPO, env, last_step, losses, run
+from tests.helpers import REPO, compare, env, last_step, losses, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -172,6 +173,37 @@ def test_two_node_checkpoint_resumes_on_one_task_exactly_once(tmp_path, tiny_con
     for epoch in range(done):
         assert {d: n for (e, d), n in seen.items() if e == epoch} == truth, epoch
     assert all(n <= truth[d] for (_, d), n in seen.items())
+
+
+def test_two_node_finetune_with_a_killed_task_fails_fast_then_resumes(tmp_path, tiny_config, pairs):
+    """slurm/finetune.sbatch on 2 nodes x 1 task, ZeRO-1. Rank 1's process (on node2) is SIGKILLed mid-run: the
+    job ends within seconds with exit 4, naming rank 1 and node2, and is not requeued (a crash is not a
+    preemption: the README's policy). Submitted again, it resumes from the last checkpoint and ends with the
+    losses and dev results of a run never killed (1 machine x 2 ranks), bit for bit."""
+    nodes = two_nodes()
+    files = [pairs(f"{n}.tsv", k, seed=i) for i, (n, k) in enumerate([("train", 100), ("dev", 20)])]
+    cfg = tiny_config("finetune", {"task.train_file": files[0], "task.eval_file": files[1], "train.epochs": 2,
+                                   "train.micro_batch_size": 4, "train.global_batch_size": 16,
+                                   "deepspeed.config": "ds_configs/zero1.json", "eval.save_best": False,
+                                   "checkpoint.every": 3, "checkpoint.keep_last": 2}, name="ft.yaml")
+    straight, out = tmp_path / "straight", tmp_path / "out"
+    run("finetune", 2, cfg, [f"output_dir={straight}"])
+    job = sbatch("finetune.sbatch", [str(cfg), f"output_dir={out}"], ["--nodes=2", "--ntasks-per-node=1"], tmp_path)
+    beat = out / ".heartbeat" / "rank_00001"
+    wait_done(job, until=lambda i: beat.is_file() and int(beat.read_text().split()[0]) >= 5)
+    step, _, pid, host = beat.read_text().split()
+    assert host == nodes[1]
+    os.kill(int(pid), signal.SIGKILL)
+    killed_at = time.time()
+    info = wait_done(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "4:0" and int(info["Restarts"]) == 0, log[-3000:]
+    assert time.time() - killed_at < 60, log[-3000:]
+    assert f"rank 1 on {nodes[1]} died" in log, log[-3000:]
+    job = sbatch("finetune.sbatch", [str(cfg), f"output_dir={out}"], ["--nodes=2", "--ntasks-per-node=1"], tmp_path)
+    assert wait_done(job)["JobState"] == "COMPLETED", log_of(tmp_path, job)[-3000:]
+    assert "resumed from" in log_of(tmp_path, job)
+    assert compare(straight, out) == [] and len(losses(out)) == 14
 
 
 def test_job_array_of_two_finetunes(tmp_path, tiny_config, pairs):
