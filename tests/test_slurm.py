@@ -188,11 +188,14 @@ def test_two_node_finetune_with_a_killed_task_fails_fast_then_resumes(tmp_path, 
                                    "checkpoint.every": 3, "checkpoint.keep_last": 2}, name="ft.yaml")
     straight, out = tmp_path / "straight", tmp_path / "out"
     run("finetune", 2, cfg, [f"output_dir={straight}"])
-    job = sbatch("finetune.sbatch", [str(cfg), f"output_dir={out}"], ["--nodes=2", "--ntasks-per-node=1"], tmp_path)
+    # rank 1 is held inside step 5 (a test hook), so that it is surely alive, mid-step, when it is killed
+    hold = "--export=ALL,BERTLAUNCH_HANG_RANK=1,BERTLAUNCH_HANG_AT_STEP=5"
+    job = sbatch("finetune.sbatch", [str(cfg), f"output_dir={out}"], ["--nodes=2", "--ntasks-per-node=1", hold],
+                 tmp_path)
     beat = out / ".heartbeat" / "rank_00001"
-    wait_done(job, until=lambda i: beat.is_file() and int(beat.read_text().split()[0]) >= 5)
+    wait_done(job, until=lambda i: beat.is_file() and int(beat.read_text().split()[0]) >= 4)
     step, _, pid, host = beat.read_text().split()
-    assert host == nodes[1]
+    assert host == nodes[1] and job_info(job)["JobState"] == "RUNNING"
     os.kill(int(pid), signal.SIGKILL)
     killed_at = time.time()
     info = wait_done(job)
