@@ -140,13 +140,37 @@ def test_two_nodes_match_one_machine_through_preemption_and_torchrun(tmp_path, t
     assert losses(with_torchrun) == {step: v for step, v in losses(one_node).items() if step <= 6}
 
 
-def test_two_node_checkpoint_resumes_on_one_task_exactly_once(tmp_path, tiny_config, corpus):
-    """Stopped on 2 nodes (USR1, no requeue: MAX_REQUEUES=0), resumed as 1 task on 1 node: every document of
-    every finished epoch trained exactly once (audit); and --dry-run under srun on 2 nodes names both."""
+def kill_rank_1_in_step_5(job: str, out, tmp_path) -> str:
+    """Rank 1 is held inside step 5 by a test hook (the job was submitted with HOLD), so that it is surely
+    alive, mid-step, when it is SIGKILLed. Checks that the job then fails within a minute with exit 4, names
+    rank 1 and its node, and is not requeued (a crash is not a preemption: the README's policy)."""
+    beat = out / ".heartbeat" / "rank_00001"
+    wait_done(job, until=lambda i: beat.is_file() and int(beat.read_text().split()[0]) >= 4)
+    _, _, pid, host = beat.read_text().split()
+    assert job_info(job)["JobState"] == "RUNNING", log_of(tmp_path, job)[-3000:]
+    os.kill(int(pid), signal.SIGKILL)
+    killed_at = time.time()
+    info = wait_done(job)
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "4:0" and int(info["Restarts"]) == 0, log[-3000:]
+    assert time.time() - killed_at < 60, log[-3000:]
+    assert f"rank 1 on {host} died (Killed)" in log, log[-3000:]
+    return host
+
+
+HOLD = "--export=ALL,BERTLAUNCH_HANG_RANK=1,BERTLAUNCH_HANG_AT_STEP=5"
+
+
+def test_two_node_job_with_a_killed_task_fails_fast_and_resumes_on_one_task_exactly_once(tmp_path, tiny_config,
+                                                                                           corpus):
+    """--dry-run under srun on 2 nodes names both. A 2-node job whose rank 1 (on node2) is SIGKILLed mid-step
+    fails fast with exit 4 naming rank and node, and is not requeued; submitted again as 1 task on 1 node (a
+    resize), it resumes from the 2-node checkpoint, and every document of every finished epoch is trained
+    exactly once (audit)."""
     from data.tokenize import load_spec
     from tests.helpers import audited_tokens, doc_tokens
 
-    two_nodes()
+    nodes = two_nodes()
     files = [corpus(20, name="a.txt", seed=1), corpus(12, name="b.txt", seed=2)]
     cfg = tiny_config("pretrain", {"data.train_files": files, "train.max_steps": 24, "train.warmup_steps": 0,
                                    "data.block_size": 32, "data.audit": True, "train.micro_batch_size": 4,
@@ -158,14 +182,11 @@ def test_two_node_checkpoint_resumes_on_one_task_exactly_once(tmp_path, tiny_con
                          capture_output=True, text=True, timeout=300)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert "world size 2" in dry.stdout and "node1" in dry.stdout and "node2" in dry.stdout, dry.stdout[:1500]
-    job = sbatch("pretrain.sbatch", [str(cfg)], ["--nodes=2", "--ntasks-per-node=1", "--export=ALL,MAX_REQUEUES=0"],
-                 tmp_path)
-    wait_done(job, until=lambda i: last_step(out / "metrics.jsonl") >= 6)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
-    assert wait_done(job)["JobState"] == "FAILED" and "not requeueing" in log_of(tmp_path, job)  # exit 75
+    job = sbatch("pretrain.sbatch", [str(cfg)], ["--nodes=2", "--ntasks-per-node=1", HOLD], tmp_path)
+    assert kill_rank_1_in_step_5(job, out, tmp_path) == nodes[1]
     job = sbatch("pretrain.sbatch", [str(cfg)], ["--nodes=1", "--ntasks-per-node=1"], tmp_path)
     assert wait_done(job)["JobState"] == "COMPLETED", log_of(tmp_path, job)
-    assert "resized from 2 rank(s)" in log_of(tmp_path, job)
+    assert "resized from 2 rank(s)" in log_of(tmp_path, job) and "at step 3" in log_of(tmp_path, job)
     trainer = json.loads(sorted((out / "checkpoints").glob("step_*/trainer.json"))[-1].read_text())
     done = min(st["epoch"] for st in trainer["streams"])
     assert done >= 1
@@ -175,38 +196,21 @@ def test_two_node_checkpoint_resumes_on_one_task_exactly_once(tmp_path, tiny_con
     assert all(n <= truth[d] for (_, d), n in seen.items())
 
 
-def test_two_node_finetune_with_a_killed_task_fails_fast_then_resumes(tmp_path, tiny_config, pairs):
-    """slurm/finetune.sbatch on 2 nodes x 1 task, ZeRO-1. Rank 1's process (on node2) is SIGKILLed mid-run: the
-    job ends within seconds with exit 4, naming rank 1 and node2, and is not requeued (a crash is not a
-    preemption: the README's policy). Submitted again, it resumes from the last checkpoint and ends with the
-    losses and dev results of a run never killed (1 machine x 2 ranks), bit for bit."""
-    nodes = two_nodes()
+def test_two_node_finetune_matches_one_machine(tmp_path, tiny_config, pairs):
+    """slurm/finetune.sbatch on 2 nodes x 1 task (ZeRO-1) ends with the losses and dev results of 2 ranks on one
+    machine, bit for bit."""
+    two_nodes()
     files = [pairs(f"{n}.tsv", k, seed=i) for i, (n, k) in enumerate([("train", 100), ("dev", 20)])]
     cfg = tiny_config("finetune", {"task.train_file": files[0], "task.eval_file": files[1], "train.epochs": 2,
                                    "train.micro_batch_size": 4, "train.global_batch_size": 16,
-                                   "deepspeed.config": "ds_configs/zero1.json", "eval.save_best": False,
-                                   "checkpoint.every": 3, "checkpoint.keep_last": 2}, name="ft.yaml")
-    straight, out = tmp_path / "straight", tmp_path / "out"
-    run("finetune", 2, cfg, [f"output_dir={straight}"])
-    # rank 1 is held inside step 5 (a test hook), so that it is surely alive, mid-step, when it is killed
-    hold = "--export=ALL,BERTLAUNCH_HANG_RANK=1,BERTLAUNCH_HANG_AT_STEP=5"
-    job = sbatch("finetune.sbatch", [str(cfg), f"output_dir={out}"], ["--nodes=2", "--ntasks-per-node=1", hold],
+                                   "deepspeed.config": "ds_configs/zero1.json", "eval.save_best": False},
+                      name="ft.yaml")
+    one_node, two_node = tmp_path / "one_node", tmp_path / "two_node"
+    run("finetune", 2, cfg, [f"output_dir={one_node}"])
+    job = sbatch("finetune.sbatch", [str(cfg), f"output_dir={two_node}"], ["--nodes=2", "--ntasks-per-node=1"],
                  tmp_path)
-    beat = out / ".heartbeat" / "rank_00001"
-    wait_done(job, until=lambda i: beat.is_file() and int(beat.read_text().split()[0]) >= 4)
-    step, _, pid, host = beat.read_text().split()
-    assert host == nodes[1] and job_info(job)["JobState"] == "RUNNING"
-    os.kill(int(pid), signal.SIGKILL)
-    killed_at = time.time()
-    info = wait_done(job)
-    log = log_of(tmp_path, job)
-    assert info["JobState"] == "FAILED" and info["ExitCode"] == "4:0" and int(info["Restarts"]) == 0, log[-3000:]
-    assert time.time() - killed_at < 60, log[-3000:]
-    assert f"rank 1 on {nodes[1]} died" in log, log[-3000:]
-    job = sbatch("finetune.sbatch", [str(cfg), f"output_dir={out}"], ["--nodes=2", "--ntasks-per-node=1"], tmp_path)
     assert wait_done(job)["JobState"] == "COMPLETED", log_of(tmp_path, job)[-3000:]
-    assert "resumed from" in log_of(tmp_path, job)
-    assert compare(straight, out) == [] and len(losses(out)) == 14
+    assert compare(one_node, two_node) == [] and len(losses(two_node)) == 14
 
 
 def test_job_array_of_two_finetunes(tmp_path, tiny_config, pairs):
