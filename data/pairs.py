@@ -68,9 +68,15 @@ def split_global(batch: np.ndarray, micro: int, world: int, accum: int) -> list[
 
 
 def collate(enc: Encoded, idx: np.ndarray, pad_id: int, regression: bool, pad_to_multiple_of: int | None = None,
-            n_step: int | None = None) -> dict:
-    """Pad to the longest example of this micro-batch (optionally rounded up to a multiple)."""
+            n_step: int | None = None, unpad: bool = False) -> dict:
+    """Pad to the longest example of this micro-batch (optionally rounded up to a multiple); or with `unpad`,
+    pack the examples end to end, without pads (model/unpadded.py): int64[T] ids, token types and positions
+    plus offsets int64[B + 1]."""
     n = len(idx)
+    labels = torch.as_tensor(enc.labels[idx] if n else enc.labels[:0],
+                             dtype=torch.float32 if regression else torch.int64)
+    if unpad:
+        return _packed(enc, idx, pad_id, labels, n_step)
     width = max((len(enc.ids[i]) for i in idx), default=1)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
@@ -80,12 +86,24 @@ def collate(enc: Encoded, idx: np.ndarray, pad_id: int, regression: bool, pad_to
     for row, i in enumerate(idx):
         k = len(enc.ids[i])
         ids[row, :k], types[row, :k], attn[row, :k] = enc.ids[i], enc.types[i], 1
-    labels = enc.labels[idx] if n else enc.labels[:0]
     return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
-            "attention_mask": torch.from_numpy(attn),
-            "labels": torch.as_tensor(labels, dtype=torch.float32 if regression else torch.int64),
+            "attention_mask": torch.from_numpy(attn), "labels": labels,
             "meta": {"index": idx.tolist(), "n": n, "n_real": int(attn[:n].sum()), "n_slots": n * width,
                      "n_step": n_step or n}}
+
+
+def _packed(enc: Encoded, idx: np.ndarray, pad_id: int, labels: torch.Tensor, n_step: int | None) -> dict:
+    """The examples end to end; an empty micro-batch (a short last global batch) is one [PAD] token."""
+    n = len(idx)
+    lens = np.array([len(enc.ids[i]) for i in idx] if n else [1], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    ids = np.concatenate([enc.ids[i] for i in idx]).astype(np.int64) if n else np.array([pad_id], dtype=np.int64)
+    types = np.concatenate([enc.types[i] for i in idx]).astype(np.int64) if n else np.zeros(1, dtype=np.int64)
+    positions = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lens)  # 0..n_i-1 per example
+    return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
+            "position_ids": torch.from_numpy(positions), "offsets": torch.from_numpy(offsets), "labels": labels,
+            "meta": {"index": idx.tolist(), "n": n, "n_real": int(lens.sum()) if n else 0,
+                     "n_slots": int(lens.sum()) if n else 0, "n_step": n_step or n, "max_len": int(lens.max())}}
 
 
 def pad_fraction(enc: Encoded, batches: list[np.ndarray], micro: int, fixed_width: int | None = None) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from model.unpadded import classify_packed
+
 
 def load_classifier(model_cfg, num_labels: int, id2label: dict | None, regression: bool, vocab_size: int, seed: int,
                     pad_id: int = 0):
@@ -48,8 +50,14 @@ class Classifier(nn.Module):
         super().__init__()
         self.hf, self.regression = hf_model, regression
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, weight: float = 1.0):
-        logits = self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, weight: float = 1.0,
+                position_ids=None, offsets=None, max_len: int = 0):
+        """Padded input_ids [B, W] + attention_mask; or packed (model/unpadded.py): input_ids, token_type_ids,
+        position_ids int64[T], offsets int64[B + 1], max_len = the longest example."""
+        if offsets is not None:
+            logits = classify_packed(self.hf, input_ids, token_type_ids, position_ids, offsets, max_len)
+        else:
+            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
         if labels is None:
             return logits
         if self.regression:

@@ -54,3 +54,22 @@ def test_bad_task_inputs_fail_fast_with_the_promised_messages(tiny_config, pairs
     assert f"{files[1]}: line 3, column 'label': label 'maybe' does not occur in the training file" in proc.stderr
     proc = inproc("finetune", cfg, ["task.text_b=sentence2"], check=False)
     assert proc.returncode == 2 and "no column 'sentence2' for task.text_b" in proc.stderr
+
+
+def test_unpadded_run_matches_the_padded_run(tmp_path, tiny_config, pairs, inproc):
+    """task.unpad=true (no pad token computed): with dropout off, the padded run's losses and dev metrics up to
+    float rounding, and real_token_frac 1."""
+    files = [pairs(f"{n}.tsv", k, seed=i) for i, (n, k) in enumerate([("train", 64), ("dev", 24)])]
+    over = {"task.train_file": files[0], "task.eval_file": files[1], "train.epochs": 1, "log.every": 1,
+            "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
+    cfg = tiny_config("finetune", over)
+    inproc("finetune", cfg, [f"output_dir={tmp_path / 'padded'}"])
+    inproc("finetune", cfg, [f"output_dir={tmp_path / 'packed'}", "task.unpad=true"])
+    padded, packed = (read_metrics(tmp_path / name) for name in ("padded", "packed"))
+    train = [(a["loss"], b["loss"]) for a, b in zip(padded, packed) if "loss" in a]
+    assert len(train) == 8 and all(abs(a - b) < 1e-5 for a, b in train), train
+    assert all(r["real_token_frac"] == 1 for r in packed if "loss" in r)
+    assert min(r["real_token_frac"] for r in padded if "loss" in r) < 0.95  # the padded run did compute pads
+    ev_a, ev_b = (json.loads((tmp_path / name / "eval_results.json").read_text())["best"]
+                  for name in ("padded", "packed"))
+    assert ev_a.keys() == ev_b.keys() and all(abs(ev_a[k] - ev_b[k]) < 1e-4 for k in ev_a), (ev_a, ev_b)

@@ -65,3 +65,54 @@ def test_flops_formula_matches_hand_count():
     head = 2 * 4 * 4 + 2 * 4 * 10  # 112
     assert encoder_flops(layers=2, hidden=4, intermediate=8, seq=3, vocab=10, tokens=6,
                          head_rows=2) == 3 * (6 * 2 * layer + 2 * head)
+
+
+def test_unpadded_classifier_equals_padded_forward_and_backward():
+    """model/unpadded.py: packed sequences (no pads) give the padded path's logits and gradients."""
+    import numpy as np
+
+    from data.pairs import Encoded, collate
+    from model.classify import Classifier, load_classifier
+
+    hf, _ = load_classifier(ModelConfig(preset="tiny", hidden_dropout=0.0, attention_dropout=0.0), 3, None, False,
+                            1000, seed=0)
+    model = Classifier(hf, regression=False)
+    rng = np.random.default_rng(0)
+    lens = [5, 17, 3, 9, 12]
+    enc = Encoded([rng.integers(5, 1000, n) for n in lens], [np.repeat([0, 1], [n // 2, n - n // 2]) for n in lens],
+                  np.array([0, 2, 1, 1, 0]))
+    idx = np.arange(len(lens))
+    padded, packed = collate(enc, idx, 0, False), collate(enc, idx, 0, False, unpad=True)
+    assert packed["input_ids"].shape == (sum(lens),) and packed["offsets"].tolist() == [0, 5, 22, 25, 34, 46]
+    assert packed["position_ids"][5:22].tolist() == list(range(17)) and packed["meta"]["max_len"] == 17
+    assert padded["meta"]["n_real"] == packed["meta"]["n_real"] == packed["meta"]["n_slots"] == sum(lens)
+
+    def run(batch):
+        model.zero_grad()
+        kw = {k: v for k, v in batch.items() if k != "meta"}
+        if "offsets" in batch:
+            kw["max_len"] = batch["meta"]["max_len"]
+        model(**kw).backward()
+        return model(**{k: v for k, v in kw.items() if k != "labels"}), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.train()  # dropout 0: train mode runs the same arithmetic as eval
+    (logits_a, grads_a), (logits_b, grads_b) = run(padded), run(packed)
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-4, atol=1e-6, msg=name)
+    empty = collate(enc, idx[:0], 0, False, unpad=True)  # a short last global batch's empty slot
+    assert empty["offsets"].tolist() == [0, 1] and empty["meta"]["n"] == 0
+
+
+def test_unpadded_needs_a_bert_classifier():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    from model.unpadded import check_unpadded
+
+    roberta = RobertaForSequenceClassification(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                             num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="task.unpad=true: the model is a RobertaForSequenceClassification, not a "
+                                         "BertForSequenceClassification .*; set task.unpad=false"):
+        check_unpadded(roberta)

@@ -69,6 +69,10 @@ class TaskConfig:
     """Mega-batch size in global batches for length grouping (larger: less padding, less randomness)."""
     pad_to_multiple_of: int | None = None
     """Round each batch's width up (8 helps tensor cores on GPUs); None: pad to the longest only."""
+    unpad: bool = False
+    """Pad-free batches: the examples packed end to end and attention run per example (nested tensors +
+    SDPA: FlashAttention on GPUs), so no pad token is computed; the padded path's results up to float
+    rounding. BertForSequenceClassification models (BERT, MiniLM); pad_to_multiple_of does not apply."""
 
 
 @dataclass

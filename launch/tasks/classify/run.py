@@ -34,6 +34,7 @@ def run(cfg: FinetuneConfig, info) -> int:
     from launch.tasks.classify.task import ClassifyTask
     from model.build import check_positions
     from model.classify import Classifier, load_classifier
+    from model.unpadded import check_unpadded
 
     data = load_data(cfg)
     seed_everything(cfg.train.seed)
@@ -42,6 +43,8 @@ def run(cfg: FinetuneConfig, info) -> int:
     hf_model, hf_config = load_classifier(cfg.model, labels.num_labels, id2label, labels.kind == "regression",
                                           len(data.tokenizer), cfg.train.seed, data.pad_id)
     check_positions(hf_config, cfg.task.max_length, "task.max_length")
+    if cfg.task.unpad:
+        check_unpadded(hf_model)
     seed_rank(cfg.train.seed, info.rank)
     p = plan(cfg, info.world_size, hidden_size=hf_config.hidden_size, examples=len(data.train),
              epochs=cfg.train.epochs)

@@ -61,7 +61,7 @@ class ClassifyTask:
         from data.pairs import collate
 
         return collate(enc, np.asarray(idx, dtype=np.int64), self.d.pad_id, self.regression,
-                       self.cfg.task.pad_to_multiple_of, n_step)
+                       self.cfg.task.pad_to_multiple_of, n_step, self.cfg.task.unpad)
 
     def set_phase(self, phase) -> None:
         pass  # one phase: the plan's batch arithmetic, which the task already follows
@@ -70,8 +70,11 @@ class ClassifyTask:
         pass  # the position is the step count itself
 
     def to_device(self, batch, with_labels=True) -> dict:
-        keys = ("input_ids", "attention_mask", "token_type_ids") + (("labels",) if with_labels else ())
-        out = {k: batch[k].to(self.device, non_blocking=True) for k in keys}
+        packed = "offsets" in batch  # task.unpad: model/unpadded.py
+        keys = ("input_ids", "token_type_ids") + (("position_ids", "offsets") if packed else ("attention_mask",))
+        out = {k: batch[k].to(self.device, non_blocking=True) for k in keys + (("labels",) if with_labels else ())}
+        if packed:
+            out["max_len"] = batch["meta"]["max_len"]
         if not with_labels:
             return out
         n = batch["meta"]["n"]
@@ -105,8 +108,6 @@ class ClassifyTask:
     # -- evaluation and prediction ---------------------------------------------------------------
     def predict(self, engine, enc) -> tuple[np.ndarray, np.ndarray]:
         """Logits for every example of `enc` (sharded over ranks, gathered) -> (logits [N, C], order)."""
-        from data.pairs import collate
-
         order = np.argsort(enc.lengths, kind="stable")
         bs = self.cfg.eval.micro_batch_size or self.micro
         chunks = [order[i:i + bs] for i in range(0, len(order), bs)][self.info.rank::self.world]
@@ -114,7 +115,7 @@ class ClassifyTask:
         mine = []
         for i in range(n_max):  # equal forward counts on every rank (ZeRO-3 gathers weights collectively)
             idx = chunks[i] if i < len(chunks) else order[:1]
-            batch = collate(enc, idx, self.d.pad_id, self.regression, self.cfg.task.pad_to_multiple_of)
+            batch = self._collate(enc, idx)
             logits = engine(**self.to_device(batch, with_labels=False)).float().cpu().numpy()
             if i < len(chunks):
                 mine += list(zip(idx.tolist(), logits.tolist()))
