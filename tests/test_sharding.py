@@ -1,6 +1,7 @@
 """Sharding: every document is read by exactly one (rank, worker) stream, whatever the file layout."""
 
 import json
+import os
 import random
 from collections import Counter
 
@@ -191,3 +192,54 @@ def test_replan_keeps_exactly_once(tmp_path, spec, old_n, new_n):
         got, _, _ = consume(new.to_dict(), files, spec, 10_000)
         seen += got
     assert seen == doc_token_counts(files, spec)
+
+
+def test_loader_workers_die_with_their_training_process(tmp_path):
+    """Workers ignore SIGTERM (they serve batches until the checkpoint) but must not outlive a training process
+    that was SIGKILLed: the kernel ends them at once (otherwise DeepSpeed's launcher waits 30 s for them)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO
+
+    files = uneven_files(tmp_path, "blank_line", 2)
+    script = f"""
+import sys, time
+sys.path.insert(0, {str(REPO)!r})
+from torch.utils.data import get_worker_info
+from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
+from data.sources import file_sizes
+from data.tokenize import load_spec
+import os
+
+class Pids(MLMDataset):
+    def __iter__(self):
+        for batch in super().__iter__():
+            batch["meta"]["pid"] = os.getpid()
+            yield batch
+
+files = {files!r}
+ds = Pids(files, file_sizes(files), load_spec("bert-base-uncased"), MLMSettings(32, 2, 0.15, False, 0),
+          initial_states(0, 1, 2))
+it = iter(make_loader(ds, 2))
+print(sorted({{next(it)["meta"]["pid"] for _ in range(4)}}), flush=True)
+time.sleep(600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = json.loads(proc.stdout.readline())
+    assert len(workers) == 2 and all(os.path.exists(f"/proc/{w}") for w in workers)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def running(pid):  # a killed worker may linger a moment as a zombie until init reaps it
+        try:
+            return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 3
+    while time.time() < deadline and any(map(running, workers)):
+        time.sleep(0.05)
+    assert [w for w in workers if running(w)] == []
