@@ -7,8 +7,10 @@ so after resuming at batch k the rotation k % W makes the stream order continue 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -197,12 +199,30 @@ class Loader:
 
     def __iter__(self):
         pin = torch.cuda.is_available()
-        for batch in self.dataloader:
+        batches = iter(self.dataloader)
+        _WORKERS[:] = [w for w in _WORKERS if w.is_alive()] + list(getattr(batches, "_workers", ()))
+        for batch in batches:
             if "wire" in batch:
                 batch = from_wire(*batch["wire"], batch["meta"])
             if pin:  # batches made in this process (no workers) too
                 batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             yield batch
+
+
+_WORKERS: list = []  # this process's loader worker processes (multiprocessing.Process), for _kill_workers
+
+
+@atexit.register  # after multiprocessing's own exit handler was registered (on import): runs before it
+def _kill_workers() -> None:
+    """Workers ignore SIGTERM (below). multiprocessing's exit handler ends daemon children with SIGTERM and then
+    joins them, so a training process leaving on an error with its loader still open (a dead peer rank, any
+    crash) would wait forever for its workers. They hold nothing to save: kill them first (with torch's
+    SIGCHLD handler, which reports a killed worker as an error, put back to the default)."""
+    if any(w.is_alive() for w in _WORKERS):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for w in _WORKERS:
+        if w.is_alive():
+            os.kill(w.pid, signal.SIGKILL)
 
 
 def ignore_stop_signals(_worker_id: int, parent: int | None = None) -> None:
@@ -211,8 +231,6 @@ def ignore_stop_signals(_worker_id: int, parent: int | None = None) -> None:
     worker must not outlive its training process: if that dies (SIGKILL, a crash), the kernel kills the
     worker at once (Linux parent-death signal). Without it, DeepSpeed's launcher waits up to 30 s for the
     workers of a dead rank, which ignore its SIGTERM, before the job ends."""
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if sys.platform == "linux" and parent is not None:

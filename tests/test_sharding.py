@@ -194,6 +194,32 @@ def test_replan_keeps_exactly_once(tmp_path, spec, old_n, new_n):
     assert seen == doc_token_counts(files, spec)
 
 
+def test_training_process_leaving_on_an_error_does_not_wait_for_its_workers(tmp_path):
+    """Workers ignore SIGTERM, and multiprocessing's exit handler terminates then joins daemon children: a process
+    leaving on an error with its loader open (a dead peer rank, any crash) used to hang there for good."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    files = uneven_files(tmp_path, "blank_line", 2)
+    script = f"""
+import sys
+sys.path.insert(0, {str(REPO)!r})
+from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
+from data.sources import file_sizes
+from data.tokenize import load_spec
+files = {files!r}
+ds = MLMDataset(files, file_sizes(files), load_spec("bert-base-uncased"), MLMSettings(32, 2, 0.15, False, 0),
+                initial_states(0, 1, 2))
+batches = iter(make_loader(ds, 2))
+next(batches)
+raise RuntimeError("a peer rank died")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr.rstrip().endswith("RuntimeError: a peer rank died"), proc.stderr
+
+
 def test_loader_workers_die_with_their_training_process(tmp_path):
     """Workers ignore SIGTERM (they serve batches until the checkpoint) but must not outlive a training process
     that was SIGKILLed: the kernel ends them at once (otherwise DeepSpeed's launcher waits 30 s for them)."""
