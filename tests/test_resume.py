@@ -3,6 +3,7 @@ world-size changes, broken checkpoints, signals. Each test's straight run is als
 2-rank run (losses fall, every token counted, eval rows, trainer.json, final/)."""
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -51,8 +52,11 @@ def kill_twice_and_resume(entry, cfg, out, rng, windows):
 
 @needs_shared
 # stage 2: bit-identical through a 2-node preemption (tests/test_slurm.py); stage 1: a 2-node checkpoint resumed on
-# one task there, and fine-tuning below (CI time)
-@pytest.mark.parametrize("stage", [0, 3])
+# one task there; stage 3: the fine-tuning SIGKILL test below (CI time). Stage 3 keeps its case here for a run
+# by hand (pytest -k "sigkill_twice"): a rank-0 export longer than train.dist_timeout_s must not kill the others.
+@pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.skipif(
+    os.environ.get("BERTLAUNCH_FULL") != "1", reason="CI time: ZeRO-3 resume is covered by the fine-tuning test; "
+                                                     "BERTLAUNCH_FULL=1 runs it"))])
 def test_sigkill_twice_resume_is_bit_identical(tmp_path, resume_cfg, stage):
     """2 CPU ranks, ZeRO stage N: SIGKILL the whole job at two random steps; losses and final weights match the
     run that was never killed, bit for bit."""
