@@ -218,11 +218,11 @@ def _kill_workers() -> None:
     joins them, so a training process leaving on an error with its loader still open (a dead peer rank, any
     crash) would wait forever for its workers. They hold nothing to save: kill them first (with torch's
     SIGCHLD handler, which reports a killed worker as an error, put back to the default)."""
-    if any(w.is_alive() for w in _WORKERS):
+    alive = [w for w in _WORKERS if w.is_alive()]
+    if alive:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for w in _WORKERS:
-        if w.is_alive():
-            os.kill(w.pid, signal.SIGKILL)
+    for w in alive:
+        os.kill(w.pid, signal.SIGKILL)
 
 
 def ignore_stop_signals(_worker_id: int, parent: int | None = None) -> None:

@@ -37,7 +37,7 @@ class Packer:
         self.block_size = block_size
         self.carry: list[PieceTokens] = []
         self.available = 0  # unused tokens in the carry
-        self.new_docs = 0  # documents started by the takes since the stream last collected this
+        self.new_docs = 0  # documents started by the takes since the last collect_docs()
 
     def add(self, piece: PieceTokens) -> None:
         # a fully used record is kept only as long as it is the last one: it marks the position
@@ -79,21 +79,9 @@ class Packer:
     def take_blocks(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The next k full blocks (k * block_size <= available) at once, with the same tokens and bookkeeping
         as k calls of `take`: (int32[k, block_size], int64[k, 3] (seg, piece offset, used): where each block
-        starts, as `position()` would say before each take). A view when the first record holds them all
-        (token-cache pieces); otherwise one pass over the records, not one per block."""
+        starts, as `position()` would say before each take). One pass over the records it reaches, not one
+        per block; a view, no copy, when one record holds them all (token-cache pieces)."""
         size, n = self.block_size, k * self.block_size
-        first = self.carry[0]
-        if len(first.tokens) - first.used >= n:
-            self._touch(first)
-            tokens = first.tokens[first.used: first.used + n].reshape(k, size)
-            starts = np.empty((k, 3), dtype=np.int64)
-            starts[:, 0], starts[:, 1] = first.seg, first.offset
-            starts[:, 2] = first.used + size * np.arange(k)
-            first.used += n
-            self.available -= n
-            if first.used == len(first.tokens) and len(self.carry) > 1:
-                self.carry.pop(0)
-            return tokens, starts
         parts, recs, cum, need = [], [], [], n  # cum: run offset of each record's first taken token
         while need:
             rec = self.carry[0]
@@ -115,7 +103,13 @@ class Packer:
         r = np.searchsorted(ends, at, side="right")
         starts = info[r]
         starts[:, 2] += at - cum_a[r]
-        return np.concatenate(parts).reshape(k, size), starts
+        tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one record: a view, no copy
+        return tokens.reshape(k, size), starts
+
+    def collect_docs(self) -> int:
+        """Documents started by the takes since the last call (for the stream state's count)."""
+        n, self.new_docs = self.new_docs, 0
+        return n
 
     def full(self) -> bool:
         return self.available >= self.block_size

@@ -100,10 +100,11 @@ def _packed(enc: Encoded, idx: np.ndarray, pad_id: int, labels: torch.Tensor, n_
     ids = np.concatenate([enc.ids[i] for i in idx]).astype(np.int64) if n else np.array([pad_id], dtype=np.int64)
     types = np.concatenate([enc.types[i] for i in idx]).astype(np.int64) if n else np.zeros(1, dtype=np.int64)
     positions = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1], lens)  # 0..n_i-1 per example
+    real = int(offsets[-1]) if n else 0  # every computed token is real: no slot is wasted
     return {"input_ids": torch.from_numpy(ids), "token_type_ids": torch.from_numpy(types),
             "position_ids": torch.from_numpy(positions), "offsets": torch.from_numpy(offsets), "labels": labels,
-            "meta": {"index": idx.tolist(), "n": n, "n_real": int(lens.sum()) if n else 0,
-                     "n_slots": int(lens.sum()) if n else 0, "n_step": n_step or n, "max_len": int(lens.max())}}
+            "meta": {"index": idx.tolist(), "n": n, "n_real": real, "n_slots": real, "n_step": n_step or n,
+                     "max_len": int(lens.max())}}
 
 
 def pad_fraction(enc: Encoded, batches: list[np.ndarray], micro: int, fixed_width: int | None = None) -> float:

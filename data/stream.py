@@ -229,7 +229,7 @@ class TextStream:
             # end of this stream's epoch: the one short block, then the next epoch's plan
             start, audit = packer.position(), ([] if self.audit else None)
             tail = packer.take(audit=audit) if packer.available else None
-            st.docs, packer.new_docs = st.docs + packer.new_docs, 0
+            st.docs += packer.collect_docs()
             where = ((st.epoch, self.base + segs[start[0]].file, start[1], start[2]) if start
                      else (st.epoch, self.base, 0, 0))
             audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
@@ -247,7 +247,7 @@ class TextStream:
         seg_i, off, used, _, _ = start
         pos = packer.position()
         st.blocks += 1
-        st.docs, packer.new_docs = st.docs + packer.new_docs, 0
+        st.docs += packer.collect_docs()
         if pos is not None:
             st.seg_idx, st.pos = pos[0], tuple(pos[1:])
         audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
@@ -261,7 +261,7 @@ class TextStream:
         where[:, 1] = [self.base + segs[i].file for i in starts[:, 0].tolist()]
         pos = packer.position()
         st.blocks += k
-        st.docs, packer.new_docs = st.docs + packer.new_docs, 0
+        st.docs += packer.collect_docs()
         st.seg_idx, st.pos = pos[0], tuple(pos[1:])
         return Block(tokens, where, None)
 

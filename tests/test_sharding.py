@@ -194,28 +194,40 @@ def test_replan_keeps_exactly_once(tmp_path, spec, old_n, new_n):
     assert seen == doc_token_counts(files, spec)
 
 
+def loader_process(files, then: str) -> str:
+    """A python -c script: a training process's 2-worker loader over `files` (batches carry the worker's pid in
+    meta["pid"]), `batches` iterated once, then the code `then`."""
+    from tests.helpers import REPO
+
+    return f"""
+import os, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
+from data.sources import file_sizes
+from data.tokenize import load_spec
+
+class Pids(MLMDataset):
+    def __iter__(self):
+        for batch in super().__iter__():
+            batch["meta"]["pid"] = os.getpid()
+            yield batch
+
+files = {files!r}
+ds = Pids(files, file_sizes(files), load_spec("bert-base-uncased"), MLMSettings(32, 2, 0.15, False, 0),
+          initial_states(0, 1, 2))
+batches = iter(make_loader(ds, 2))
+first = next(batches)
+{then}
+"""
+
+
 def test_training_process_leaving_on_an_error_does_not_wait_for_its_workers(tmp_path):
     """Workers ignore SIGTERM, and multiprocessing's exit handler terminates then joins daemon children: a process
     leaving on an error with its loader open (a dead peer rank, any crash) used to hang there for good."""
     import subprocess
     import sys
 
-    from tests.helpers import REPO
-
-    files = uneven_files(tmp_path, "blank_line", 2)
-    script = f"""
-import sys
-sys.path.insert(0, {str(REPO)!r})
-from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
-from data.sources import file_sizes
-from data.tokenize import load_spec
-files = {files!r}
-ds = MLMDataset(files, file_sizes(files), load_spec("bert-base-uncased"), MLMSettings(32, 2, 0.15, False, 0),
-                initial_states(0, 1, 2))
-batches = iter(make_loader(ds, 2))
-next(batches)
-raise RuntimeError("a peer rank died")
-"""
+    script = loader_process(uneven_files(tmp_path, "blank_line", 2), 'raise RuntimeError("a peer rank died")')
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and proc.stderr.rstrip().endswith("RuntimeError: a peer rank died"), proc.stderr
 
@@ -228,31 +240,9 @@ def test_loader_workers_die_with_their_training_process(tmp_path):
     import sys
     import time
 
-    from tests.helpers import REPO
-
-    files = uneven_files(tmp_path, "blank_line", 2)
-    script = f"""
-import sys, time
-sys.path.insert(0, {str(REPO)!r})
-from torch.utils.data import get_worker_info
-from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
-from data.sources import file_sizes
-from data.tokenize import load_spec
-import os
-
-class Pids(MLMDataset):
-    def __iter__(self):
-        for batch in super().__iter__():
-            batch["meta"]["pid"] = os.getpid()
-            yield batch
-
-files = {files!r}
-ds = Pids(files, file_sizes(files), load_spec("bert-base-uncased"), MLMSettings(32, 2, 0.15, False, 0),
-          initial_states(0, 1, 2))
-it = iter(make_loader(ds, 2))
-print(sorted({{next(it)["meta"]["pid"] for _ in range(4)}}), flush=True)
-time.sleep(600)
-"""
+    script = loader_process(uneven_files(tmp_path, "blank_line", 2), """
+print(sorted({first["meta"]["pid"]} | {next(batches)["meta"]["pid"] for _ in range(3)}), flush=True)
+time.sleep(600)""")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     workers = json.loads(proc.stdout.readline())
     assert len(workers) == 2 and all(os.path.exists(f"/proc/{w}") for w in workers)
