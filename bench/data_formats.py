@@ -83,8 +83,8 @@ def hf_streaming(kind: str, files: list[str], hf_tok, block: int, batch: int) ->
 def resume_cost(path: str, spec, block: int) -> dict:
     """Time to the first block of a stream resumed near the end of one .jsonl.gz shard vs from its start: a
     compressed file is decompressed from its start and skipped (not tokenized) up to the saved offset."""
-    from data.sources import file_sizes
-    from data.stream import StreamState, TextStream, text_readers
+    from bertlaunch.data.corpus.reader import file_sizes, text_readers
+    from bertlaunch.data.mlm.stream import StreamState, TextStream
 
     def first_block(state: StreamState) -> tuple[float, StreamState]:
         t0 = time.perf_counter()
@@ -105,7 +105,7 @@ def resume_cost(path: str, spec, block: int) -> dict:
 
 
 def build(files: list[str], tmp: Path, name: str, workers: int) -> dict:
-    from data.prepare import prepare
+    from bertlaunch.data.mlm.cache_build import prepare
 
     t0 = time.perf_counter()
     meta = prepare(files, "bert-base-uncased", str(tmp / name), workers=workers, mode="line")
@@ -123,8 +123,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    from data.sources import file_sizes
-    from data.tokenize import load_hf_tokenizer, load_spec
+    from bertlaunch.data.corpus.reader import file_sizes
+    from bertlaunch.data.tokenize import load_hf_tokenizer, load_spec
 
     spec, hf_tok = load_spec("bert-base-uncased"), load_hf_tokenizer("bert-base-uncased")
     lines = [x for f in args.files for x in Path(f).read_text(encoding="utf-8").splitlines() if x.strip()]

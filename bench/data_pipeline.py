@@ -69,12 +69,12 @@ def hf_path(path: Path, hf_tok, block: int, batch: int, tmp: Path) -> dict:
 
 
 def our_batches(spec, block: int, batch: int, workers: int, files=None, sizes=None, cache=None) -> dict:
-    from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
+    from bertlaunch.data.mlm.batches import MLMDataset, MLMSettings, initial_states, make_loader
 
     s = MLMSettings(block_size=block, micro_batch_size=batch, mlm_probability=0.15, whole_word_masking=False,
                     seed=0, last_block="pad", mode="line")
     ds = MLMDataset(files, sizes, spec, s, initial_states(0, 1, max(workers, 1)), finite=True, cache=cache)
-    # as in training (launch/dist.py): one tokenizer thread per loader worker; the other paths keep theirs
+    # as in training (launch/core/dist.py): one tokenizer thread per loader worker; the other paths keep theirs
     before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false" if workers else "true"
     t0 = time.perf_counter()
@@ -100,10 +100,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
 
-    from data.cache import shard_names_and_sizes
-    from data.prepare import prepare
-    from data.sources import file_sizes
-    from data.tokenize import load_hf_tokenizer, load_spec
+    from bertlaunch.data.corpus.reader import file_sizes
+    from bertlaunch.data.mlm.cache import shard_names_and_sizes
+    from bertlaunch.data.mlm.cache_build import prepare
+    from bertlaunch.data.tokenize import load_hf_tokenizer, load_spec
 
     spec, hf_tok = load_spec("bert-base-uncased"), load_hf_tokenizer("bert-base-uncased")
     with tempfile.TemporaryDirectory() as d:

@@ -33,9 +33,9 @@ def hf_trainer(seed: int, lr: float, workdir: Path) -> dict:
         TrainingArguments,
     )
 
-    from data.embedded import minilm_dir
-    from data.tasks import read_rows
-    from launch.tasks.classify.scores import task_metrics
+    from bertlaunch.data.corpus.embedded import minilm_dir
+    from bertlaunch.data.tables.read import read_rows
+    from bertlaunch.tasks.classify.scores import task_metrics
 
     path = str(minilm_dir())
     tok = AutoTokenizer.from_pretrained(path)
@@ -82,9 +82,9 @@ def ours(seed: int, lr: float, workdir: Path) -> dict:
 def pad_fractions(seed: int) -> dict:
     import numpy as np
 
-    from data.pairs import encode_pairs, epoch_order, pad_fraction
-    from data.tasks import read_rows
-    from data.tokenize import load_hf_tokenizer
+    from bertlaunch.data.tables.pairs import encode_pairs, epoch_order, pad_fraction
+    from bertlaunch.data.tables.read import read_rows
+    from bertlaunch.data.tokenize import load_hf_tokenizer
 
     rows = read_rows(str(MRPC / "train.tsv")).rows
     tok = load_hf_tokenizer("minilm")

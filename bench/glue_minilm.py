@@ -38,10 +38,10 @@ def hf_task(name: str, rows: int | None, args, workdir: Path) -> dict:
         TrainingArguments,
     )
 
-    from data.embedded import minilm_dir
-    from data.glue import lookup
-    from data.tasks import read_rows
-    from launch.tasks.classify.scores import task_metrics
+    from bertlaunch.data.corpus.embedded import minilm_dir
+    from bertlaunch.data.tables.glue import lookup
+    from bertlaunch.data.tables.read import read_rows
+    from bertlaunch.tasks.classify.scores import task_metrics
 
     task, path = lookup(name), str(minilm_dir())
     tok = AutoTokenizer.from_pretrained(path)
@@ -89,7 +89,7 @@ def ours(args, workdir: Path, tasks=TASKS, seeds=None) -> dict:
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     wall = time.time() - t0
     res = {"wall_seconds": round(wall, 1), "command": " ".join(cmd[1:])}
-    from data.glue import lookup
+    from bertlaunch.data.tables.glue import lookup
 
     for name in tasks:
         for seed in seeds:

@@ -3,7 +3,7 @@
   hf_plain     the reference's "what a user gets today": BertForMaskedLM (SDPA), autocast bf16,
                fused AdamW, dense MLM head, plain torch loop, random tokens, batch 256
   hf_trainer   the same model through transformers' Trainer (bf16, adamw_torch_fused)
-  ours_zeroN   our real training path (launch.tasks.mlm.run: streaming data workers, packing,
+  ours_zeroN   our real training path (launch/core/assemble.py: streaming data workers, packing,
                masking, DeepSpeed engine ZeRO-N, bf16, sparse MLM head, torch.compile)
 
     python bench/gpu_pretrain.py --out DIR [--tokenizer DIR] [--tiny]   (--tiny: a CPU smoke test)
@@ -135,9 +135,10 @@ def ours(stage: int, batch: int, seq: int, steps: int, tiny: bool, tokenizer: st
          info, extra=(), tag=""):
     import torch
 
-    from launch.core import configlib
-    from launch.tasks.mlm.config import PretrainConfig
-    from launch.tasks.mlm.run import run
+    from bertlaunch.core import configlib
+    from bertlaunch.core.assemble import assemble
+    from bertlaunch.tasks.mlm.config import PretrainConfig
+    from bertlaunch.tasks.mlm.spec import PRETRAIN
 
     cuda = torch.cuda.is_available()
     name = f"ours_zero{stage}_b{batch}" + (f"_{tag}" if tag else "")
@@ -155,7 +156,7 @@ def ours(stage: int, batch: int, seq: int, steps: int, tiny: bool, tokenizer: st
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    run(cfg, info)
+    assemble(PRETRAIN, cfg, info).fit()
     wall = time.time() - t0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"tokens_per_s"' in x]
     steady = [r for r in recs if r["step"] > max(steps // 3, min(20, steps - 5))]  # after compile, warm-up
@@ -190,7 +191,7 @@ def main() -> None:
     import torch
     import transformers
 
-    from launch.core import dist
+    from bertlaunch.core import dist
 
     cuda = torch.cuda.is_available()
     emit(device=torch.cuda.get_device_name(0) if cuda else "cpu", torch=torch.__version__,

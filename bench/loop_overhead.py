@@ -52,13 +52,13 @@ def bare(cache: str, preset: str, steps: int, warmup: int) -> dict:
     import torch
     from transformers import get_scheduler
 
-    from data.cache import shard_names_and_sizes
-    from data.mlm import MLMDataset, MLMSettings, initial_states
-    from data.tokenize import load_spec
-    from launch.core.config import ModelConfig
-    from launch.core.engine import param_groups
-    from model.build import load_mlm
-    from model.mlm import MaskedLM
+    from bertlaunch.core.config import ModelConfig
+    from bertlaunch.core.engine import param_groups
+    from bertlaunch.data.mlm.batches import MLMDataset, MLMSettings, initial_states
+    from bertlaunch.data.mlm.cache import shard_names_and_sizes
+    from bertlaunch.data.tokenize import load_spec
+    from bertlaunch.model.build import load_mlm
+    from bertlaunch.model.mlm import MaskedLM
 
     spec = load_spec("bert-base-uncased")
     _, sizes = shard_names_and_sizes(cache)
@@ -66,7 +66,8 @@ def bare(cache: str, preset: str, steps: int, warmup: int) -> dict:
                     seed=SEED)
     it = iter(MLMDataset(None, sizes, spec, s, initial_states(0, 1, 1), cache=cache))
     batches = [next(it) for _ in range(steps)]  # in memory before the clock starts
-    hf, _ = load_mlm(ModelConfig(preset=preset), spec, SEED)
+    torch.manual_seed(SEED)
+    hf, _ = load_mlm(ModelConfig(preset=preset), spec, None)
     model = MaskedLM(hf, sparse_head=True).train()
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=LR, fused=True)
     sched = get_scheduler("linear", opt, num_warmup_steps=10, num_training_steps=steps)
@@ -90,7 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=40)
     args = ap.parse_args()
-    from data.prepare import prepare
+    from bertlaunch.data.mlm.cache_build import prepare
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -25,8 +25,8 @@ MRPC = REPO.parent / "shared" / "data" / "mrpc" / "train.tsv"
 
 
 def load_mrpc(tokenizer):
-    from data.pairs import encode_pairs
-    from data.tasks import read_rows
+    from bertlaunch.data.tables.pairs import encode_pairs
+    from bertlaunch.data.tables.read import read_rows
 
     rows = read_rows(str(MRPC)).rows
     return encode_pairs(tokenizer, [r["#1 String"] for r in rows], [r["#2 String"] for r in rows],
@@ -36,7 +36,7 @@ def load_mrpc(tokenizer):
 def time_steps(model, enc, batches, device, unpad: bool) -> dict:
     import torch
 
-    from data.pairs import collate
+    from bertlaunch.data.tables.pairs import collate
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     real = 0
@@ -67,11 +67,11 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from data.embedded import minilm_dir
-    from data.pairs import pad_fraction
-    from data.tokenize import load_hf_tokenizer
-    from launch.core.config import ModelConfig
-    from model.classify import Classifier, load_classifier
+    from bertlaunch.core.config import ModelConfig
+    from bertlaunch.data.corpus.embedded import minilm_dir
+    from bertlaunch.data.tables.pairs import pad_fraction
+    from bertlaunch.data.tokenize import load_hf_tokenizer
+    from bertlaunch.model.classify import Classifier, load_classifier
 
     ap = bench_parser(__doc__)
     ap.add_argument("--steps", type=int, default=30)
@@ -87,7 +87,9 @@ def main() -> None:
     by_len = order[np.argsort(enc.lengths[order], kind="stable")]  # ideal grouping: an upper bound on its gain
     grouped = [by_len[i:i + args.batch] for i in range(0, len(by_len), args.batch)]
     orders["grouped"] = [grouped[i] for i in rng.permutation(len(grouped))]
-    hf, _ = load_classifier(ModelConfig(pretrained=str(minilm_dir())), 2, None, False, len(tokenizer), 0)
+    torch.manual_seed(0)
+    hf, _ = load_classifier(ModelConfig(pretrained=str(minilm_dir())), str(minilm_dir()), 2, None, False,
+                            len(tokenizer))
     model = Classifier(hf.to(device), regression=False).train()
     res = {"machine": machine_info(), "command": " ".join(sys.argv), "steps": args.steps, "batch": args.batch,
            "model": "all-MiniLM-L6-v2", "data": "MRPC train", "pad_fraction": {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.embedded import resolve_tokenizer
+from bertlaunch.data.corpus.embedded import resolve_tokenizer
 
 
 @dataclass(frozen=True)

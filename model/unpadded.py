@@ -20,6 +20,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import BertForSequenceClassification
 
 # raised from inside torch's jagged-layout SDPA on the CPU, which is the layout it recommends: noise in run logs
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
@@ -27,8 +28,6 @@ warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is 
 
 def check_unpadded(hf_model: nn.Module) -> None:
     """ValueError (naming the key and the fix) unless `hf_model` can run pad-free."""
-    from transformers import BertForSequenceClassification
-
     cfg, why = hf_model.config, None
     if not isinstance(hf_model, BertForSequenceClassification):
         why = f"the model is a {type(hf_model).__name__}, not a BertForSequenceClassification (BERT, MiniLM, ...)"

@@ -84,7 +84,7 @@ def pairs(tmp_path):
 
 @pytest.fixture(scope="session")
 def spec():
-    from data.tokenize import load_spec
+    from bertlaunch.data.tokenize import load_spec
 
     return load_spec("bert-base-uncased")
 
@@ -94,21 +94,22 @@ def inproc(capfd, monkeypatch):
     """inproc(entry, config, overrides=(), check=True, **env) -> Result: run `main()` of launch/<entry>.py
     in this process (single process, as `python launch/<entry>.py`). Environment changes made by the run
     (RANK, MASTER_PORT, ...) are undone afterwards."""
-    from launch.tasks.classify.run import main as finetune_main
-    from launch.tasks.glue.run import main as glue_main
-    from launch.tasks.mlm.run import main as pretrain_main
+    from bertlaunch.cli.commands import finetune, glue, pretrain
+    from tests.faults import install_from_env
 
     def run(entry: str, config, overrides=(), check: bool = True, **env) -> Result:
         for key, value in env.items():
             monkeypatch.setenv(key, str(value))
         saved = dict(os.environ)
         capfd.readouterr()
-        main = {"pretrain": pretrain_main, "finetune": finetune_main, "glue": glue_main}[entry]
+        main = {"pretrain": pretrain, "finetune": finetune, "glue": glue}[entry]
+        install_from_env()  # BERTLAUNCH_* fault variables among env: tests/faults.py
         try:
             code = main((["--config", str(config)] if config else []) + [str(o) for o in overrides])
         finally:
             os.environ.clear()
             os.environ.update(saved)
+            install_from_env({})
         out, err = capfd.readouterr()
         if check and code != 0:
             raise AssertionError(f"exit {code}\n--- stdout\n{out[-6000:]}\n--- stderr\n{err[-6000:]}")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.core.dist import free_port
-from launch.tools.check_resume import compare, last_step, losses  # noqa: F401  (re-exported for the tests)
+from bertlaunch.core.dist import free_port
+from bertlaunch.tools.check_resume import compare, last_step, losses  # noqa: F401  (re-exported for the tests)
 from tests.zygote import GRACE_S
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,9 +32,12 @@ needs_shared = pytest.mark.skipif(not WIKI_VALID.is_file(), reason="../shared/da
 
 
 def env(**extra) -> dict:
+    """The environment of a run the tests start: offline, CPU ranks, one thread, and tests/hookpath on PYTHONPATH
+    (its sitecustomize installs the fault hooks of tests/faults.py when a BERTLAUNCH_* variable asks for one)."""
     e = dict(os.environ)
     e.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", DS_ACCELERATOR="cpu", WANDB_MODE="offline",
-             PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+             PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
+             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests" / "hookpath"), os.environ.get("PYTHONPATH")])))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(key, None)
     e.update({k: str(v) for k, v in extra.items()})
@@ -197,8 +200,8 @@ def read_metrics(out_dir: Path) -> list[dict]:
 
 def doc_tokens(files, spec):
     """Corpus truth: tokens (with [CLS]/[SEP]) of every document, keyed like the audit's doc ids."""
-    from data.sources import Segment, file_sizes
-    from data.stream import text_readers
+    from bertlaunch.data.corpus.reader import file_sizes, text_readers
+    from bertlaunch.data.corpus.shards import Segment
 
     out = {}
     for fi, (reader, size) in enumerate(zip(text_readers(files, "blank_line", "text", 1 << 20, "strict"),
@@ -261,7 +264,7 @@ def write_pairs(path: Path, n=60, labels=("yes", "no"), seed=0, sep="\t", header
 
 
 def wandb_history(run_dir: Path) -> list[tuple[str, int, dict]]:
-    from launch.core.tracking import read_history
+    from bertlaunch.core.tracking import read_history
 
     return read_history(run_dir)
 

@@ -5,11 +5,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data.cache import cache_readers, check_tokenizer, read_meta, shard_names_and_sizes
-from data.prepare import prepare
-from data.sources import DataError, file_sizes
-from data.stream import StreamState, TextStream, text_readers
-from data.tokenize import load_spec
+from bertlaunch.data.corpus.reader import file_sizes, text_readers
+from bertlaunch.data.corpus.shards import DataError
+from bertlaunch.data.mlm.cache import cache_readers, check_tokenizer, read_meta, shard_names_and_sizes
+from bertlaunch.data.mlm.cache_build import prepare
+from bertlaunch.data.mlm.stream import StreamState, TextStream
+from bertlaunch.data.tokenize import load_spec
 from tests.helpers import make_corpus, read_metrics
 
 
@@ -102,7 +103,7 @@ def test_runs_of_blocks_equal_one_by_one(cached, spec, source):
     """Runs of k blocks cut at once (from one cache piece, or across a read batch of text pieces) give the
     same tokens, mask keys and stream states (documents counted included), batch by batch, as cutting blocks
     one at a time. The text case has documents split into several pieces (max_chunk_bytes) and resumes."""
-    from data.mlm import MLMDataset, MLMSettings, initial_states
+    from bertlaunch.data.mlm.batches import MLMDataset, MLMSettings, initial_states
 
     files, cache, _ = cached
     if source == "cache":
@@ -154,7 +155,7 @@ def test_runs_of_blocks_equal_one_by_one(cached, spec, source):
 
 
 def test_prepare_cli_builds_the_same_cache(cached, tmp_path, capsys):
-    from launch.tools import prepare as cli
+    from bertlaunch.tools import prepare as cli
 
     files, cache, meta = cached
     assert cli.main(["--files", *files, "--out", str(tmp_path / "c2"), "--workers", "1"]) == 0

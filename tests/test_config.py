@@ -5,11 +5,11 @@ import sys
 
 import pytest
 
-from launch.core import configlib
-from launch.core.engine import fill_ds_config, load_ds_json
-from launch.core.plan import batch_arithmetic, make_plan
-from launch.tasks.classify.config import FinetuneConfig
-from launch.tasks.mlm.config import PretrainConfig
+from bertlaunch.core import configlib
+from bertlaunch.core.engine import fill_ds_config, load_ds_json
+from bertlaunch.core.plan import batch_arithmetic, make_plan
+from bertlaunch.tasks.classify.config import FinetuneConfig
+from bertlaunch.tasks.mlm.config import PretrainConfig
 from tests.helpers import REPO, write_yaml
 
 
@@ -118,9 +118,9 @@ def test_validation_does_not_rely_on_assert(tmp_path):
     path = base(tmp_path, train={"max_steps": 0, "lr": -1})
     ft = write_yaml(tmp_path / "f.yaml", {"output_dir": "x", "model": {"pretrained": "minilm", "preset": "tiny"},
                                           "task": {"train_file": "nope.tsv", "max_length": 2}})
-    code = ("from launch.core import configlib\n"
-            "from launch.tasks.mlm.config import PretrainConfig\n"
-            "from launch.tasks.classify.config import FinetuneConfig\n"
+    code = ("from bertlaunch.core import configlib\n"
+            "from bertlaunch.tasks.mlm.config import PretrainConfig\n"
+            "from bertlaunch.tasks.classify.config import FinetuneConfig\n"
             f"for cls, path in ((PretrainConfig, {str(path)!r}), (FinetuneConfig, {str(ft)!r})):\n"
             "    try:\n        configlib.load(cls, path)\n    except Exception as e:\n        print(e)\n")
     out = subprocess.run([sys.executable, "-O", "-c", code], cwd=REPO, capture_output=True, text=True).stdout

@@ -1,6 +1,6 @@
-"""launch/dist.py: rank / world / master address from each launcher's environment (multi-node SLURM too)."""
+"""launch/core/dist.py: rank / world / master address from each launcher's environment (multi-node SLURM too)."""
 
-from launch.core.dist import detect, expand_nodelist
+from bertlaunch.core.dist import detect, expand_nodelist
 
 
 def test_expand_nodelist():

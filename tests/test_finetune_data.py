@@ -6,11 +6,11 @@ import random
 import numpy as np
 import pytest
 
-from data.pairs import Encoded, collate, encode_pairs, epoch_order, pad_fraction, split_global
-from data.sources import DataError
-from data.tasks import infer_labels, read_rows, require_columns
-from data.tokenize import load_hf_tokenizer
-from launch.tasks.classify.scores import task_metrics
+from bertlaunch.data.corpus.shards import DataError
+from bertlaunch.data.tables.pairs import Encoded, collate, encode_pairs, epoch_order, pad_fraction, split_global
+from bertlaunch.data.tables.read import infer_labels, read_rows, require_columns
+from bertlaunch.data.tokenize import load_hf_tokenizer
+from bertlaunch.tasks.classify.scores import task_metrics
 from tests.helpers import MRPC, write_pairs
 
 

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import zstandard
 
-from data.compressed import Window
-from data.sources import DataError, file_sizes
-from data.stream import StreamState, TextStream, empty_streams, replan, text_readers
+import bertlaunch.data.mlm.cache_build
+from bertlaunch.data.corpus.compressed import Window
+from bertlaunch.data.corpus.reader import file_sizes, text_readers
+from bertlaunch.data.corpus.shards import DataError
+from bertlaunch.data.mlm.stream import StreamState, TextStream, empty_streams, replan
 from tests.helpers import make_corpus
 
 COMPRESS = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
@@ -129,7 +131,7 @@ def test_window_seeks_back_within_its_buffer(tmp_path):
 
 def cache_shards(tmp_path, src, workers=2):
     """The shards (token ids, document starts) of a token cache of src, read back."""
-    from data.prepare import prepare
+    from bertlaunch.data.mlm.cache_build import prepare
 
     out = tmp_path / f"cache_{str(src).replace('/', '_').replace(':', '_')}"
     meta = prepare([str(src)], "bert-base-uncased", str(out), workers=workers, shard_bytes=8 << 10,
@@ -158,12 +160,11 @@ def test_token_cache_is_the_same_from_every_format(tmp_path, spec):
 def test_record_split_from_the_line_index(tmp_path, monkeypatch):
     """Shard jobs start counting lines at the noted line nearest their first record: with a line noted every
     7 lines (instead of 16384), the shards of .jsonl and .jsonl.gz are unchanged."""
-    import data.prepare
 
     jsonl, _ = parquet_corpus(tmp_path, n=300, row_group=37)
     gz = compressed_copy(jsonl, ".gz")
     want = [cache_shards(tmp_path / "default", f, workers=1) for f in (jsonl, gz)]
-    monkeypatch.setattr(data.prepare, "LINE_STEP", 7)
+    monkeypatch.setattr(bertlaunch.data.mlm.cache_build, "LINE_STEP", 7)
     assert [cache_shards(tmp_path / "step7", f, workers=1) for f in (jsonl, gz)] == want
     assert len(want[0]) > 5
 

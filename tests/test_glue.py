@@ -11,10 +11,10 @@ import zipfile
 import numpy as np
 import pytest
 
-from data.glue import TASKS, lookup, unknown_task_message
-from launch.tasks.classify.scores import matthews
-from launch.tools.report import main as report_main
-from launch.tools.summary import main as summary_main
+from bertlaunch.data.tables.glue import TASKS, lookup, unknown_task_message
+from bertlaunch.tasks.classify.scores import matthews
+from bertlaunch.tools.report import main as report_main
+from bertlaunch.tools.summary import main as summary_main
 from tests.helpers import Job, losses, read_metrics, write_glue
 
 SUITE = {"glue.tasks": ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"], "glue.seeds": [1, 2], "glue.from_mnli": ["RTE"],
@@ -37,9 +37,10 @@ def test_dry_run_reads_every_task_of_the_release_layout(tmp_path, tiny_config, i
     r = inproc("glue", tiny_config("glue", {"glue.data_dir": root}), ["--dry-run"])
     for name in TASKS:
         assert f"\n{name:13s} " in r.stdout, name
-    assert "CoLA          labels 0/1; metrics matthews; columns 'sentence' -> 'label'" in r.stdout
-    assert "'#1 String' + '#2 String' -> 'Quality'" in r.stdout  # MRPC: the byte-order mark is gone
-    assert "train 48, dev 16, dev mm 16, test 12, test mm 12, test ax 10 rows" in r.stdout  # MNLI
+    assert "CoLA          labels 0/1; metrics matthews" in r.stdout
+    assert "examples; columns 'sentence' -> 'label'" in r.stdout  # CoLA: header-less, named by task.columns
+    assert "columns '#1 String' + '#2 String' -> 'Quality'" in r.stdout  # MRPC: the byte-order mark is gone
+    assert "train 48, eval 16, eval mm 16, test 12, test mm 12, test ax 10 examples" in r.stdout  # MNLI
     assert "STS-B         regression" in r.stdout and r.stdout.count("to run") == 9
 
 

@@ -12,15 +12,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from launch.core.dist import DistInfo
-from launch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
-from launch.core.loop import Trainer, TrainState
-from launch.core.metrics import MetricsLog
-from launch.core.plan import Phase
-from launch.core.seeding import StopFlag
-from launch.core.task import Task
-from launch.core.watchdog import Heartbeat
-from launch.tasks.mlm.config import PretrainConfig
+from bertlaunch.core.dist import DistInfo
+from bertlaunch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from bertlaunch.core.layout import RunDir
+from bertlaunch.core.loop import Trainer
+from bertlaunch.core.metrics import MetricsLog
+from bertlaunch.core.plan import Phase
+from bertlaunch.core.task import Task, TrainState
+from bertlaunch.core.watchdog import Heartbeat
+from bertlaunch.tasks.mlm.config import PretrainConfig
 
 NULL = {"null": True, "meta": {}}
 
@@ -112,7 +112,7 @@ class FakeTask:
     def data_state(self):
         return {}
 
-    def finish(self, trainer):
+    def finish(self, end):
         self.finished = True
 
 
@@ -134,10 +134,11 @@ def make_trainer(tmp_path, task: FakeTask, accum: int = 1, phases=None, **cfg_ch
     info = DistInfo(0, 1, 0, 1, "127.0.0.1", 0, "single")
     assert isinstance(task, Task)
     phases = phases or (Phase(0, 0, task.total_steps, 64, 8, accum, 8 * accum),)
-    return Trainer(cfg=cfg, info=info, engine=FakeEngine(accum), task=task, state=TrainState(), phases=phases,
+    plan = SimpleNamespace(phases=phases, schedule=None)
+    return Trainer(train=cfg.train, log=cfg.log, checkpoint=cfg.checkpoint, run_dir=RunDir(tmp_path), info=info,
+                   engine=FakeEngine(accum), task=task, state=TrainState(), plan=plan,
                    metrics=MetricsLog(str(tmp_path), True, task.total_steps, 0, progress=False),
-                   saver=FakeSaver(tmp_path / "checkpoints"), stop_flag=StopFlag(), trainer_extra={},
-                   peak_flops=None)
+                   saver=FakeSaver(tmp_path / "checkpoints"), trainer_extra={}, peak_flops=None)
 
 
 def rows(tmp_path) -> list[dict]:
@@ -226,7 +227,7 @@ def test_tokens_and_samples_are_counted_over_the_run(tmp_path):
 
 def test_the_watchdog_stays_paused_through_the_final_save(tmp_path):
     """A save at the end beats the heartbeat; that must not re-arm the watchdog while rank 0 exports."""
-    hb = Heartbeat(str(tmp_path), rank=0, world=1, timeout_s=5)
+    hb = Heartbeat(tmp_path / ".heartbeat", rank=0, world=1, timeout_s=5)
     hb.last -= 10
     assert hb.stalled_for() == pytest.approx(10, abs=1)
     hb.pause()

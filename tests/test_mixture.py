@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from data.mixture import MixtureState, MixtureStream, Source, cumulative_bounds, pick, replan_mixture
-from data.sources import file_sizes
+from bertlaunch.data.corpus.reader import file_sizes
+from bertlaunch.data.mlm.mixture import MixtureState, MixtureStream, Source, cumulative_bounds, pick, replan_mixture
 from tests.helpers import make_corpus, read_metrics
 from tests.test_formats import compressed_copy, parquet_corpus
 
@@ -152,8 +152,8 @@ def test_two_ranks_kill_resume_and_resize_on_a_gz_and_parquet_mixture(tmp_path, 
     import json
     import shutil
 
-    from data.tokenize import load_spec
-    from launch.core.checkpoint import list_checkpoints
+    from bertlaunch.core.checkpoint import list_checkpoints
+    from bertlaunch.data.tokenize import load_spec
     from tests.helpers import audited_tokens, compare, doc_tokens, run, run_and_kill
 
     web = [str(make_corpus(tmp_path / "a.txt", 30, seed=3)),

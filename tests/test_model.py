@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from launch.core.config import ModelConfig
-from launch.core.metrics import encoder_flops
-from model.build import check_vocab, load_mlm
-from model.mlm import MaskedLM
+from bertlaunch.core.config import ModelConfig
+from bertlaunch.core.metrics import encoder_flops
+from bertlaunch.model.build import check_vocab, load_mlm
+from bertlaunch.model.mlm import MaskedLM
 
 
 class Spec:
@@ -14,7 +14,8 @@ class Spec:
 
 
 def tiny(sparse=True, **kw):
-    hf, _ = load_mlm(ModelConfig(preset="tiny", **kw), Spec, seed=0)
+    torch.manual_seed(0)
+    hf, _ = load_mlm(ModelConfig(preset="tiny", **kw), Spec, None)
     return MaskedLM(hf, sparse_head=sparse).eval()
 
 
@@ -71,11 +72,12 @@ def test_unpadded_classifier_equals_padded_forward_and_backward():
     """model/unpadded.py: packed sequences (no pads) give the padded path's logits and gradients."""
     import numpy as np
 
-    from data.pairs import Encoded, collate
-    from model.classify import Classifier, load_classifier
+    from bertlaunch.data.tables.pairs import Encoded, collate
+    from bertlaunch.model.classify import Classifier, load_classifier
 
-    hf, _ = load_classifier(ModelConfig(preset="tiny", hidden_dropout=0.0, attention_dropout=0.0), 3, None, False,
-                            1000, seed=0)
+    torch.manual_seed(0)
+    hf, _ = load_classifier(ModelConfig(preset="tiny", hidden_dropout=0.0, attention_dropout=0.0), None, 3, None,
+                            False, 1000)
     model = Classifier(hf, regression=False)
     rng = np.random.default_rng(0)
     lens = [5, 17, 3, 9, 12]
@@ -109,7 +111,7 @@ def test_unpadded_classifier_equals_padded_forward_and_backward():
 def test_unpadded_needs_a_bert_classifier():
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
-    from model.unpadded import check_unpadded
+    from bertlaunch.model.unpadded import check_unpadded
 
     roberta = RobertaForSequenceClassification(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
                                                              num_attention_heads=2, intermediate_size=64))

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from data.mask import block_key, mask_tokens
-from data.mlm import MLMSettings, collate_blocks
-from data.pack import Packer, PieceTokens
-from data.sources import file_sizes
-from data.stream import StreamState, TextStream, text_readers
+from bertlaunch.data.corpus.reader import file_sizes, text_readers
+from bertlaunch.data.mlm.batches import MLMSettings, collate_blocks
+from bertlaunch.data.mlm.mask import block_key, mask_tokens
+from bertlaunch.data.mlm.pack import Packer, PieceTokens
+from bertlaunch.data.mlm.stream import StreamState, TextStream
 from tests.helpers import WIKI_VALID, make_corpus, needs_shared
 
 

@@ -9,9 +9,9 @@ import signal
 import pytest
 import torch
 
-from data.tokenize import load_spec
-from launch.core import configlib
-from launch.core.schedule import Schedule
+from bertlaunch.core import configlib
+from bertlaunch.core.schedule import Schedule
+from bertlaunch.data.tokenize import load_spec
 from tests.helpers import REPO, Job, audited_tokens, compare, doc_tokens, read_metrics, run, run_and_kill
 
 PHASES = [{"steps": 6, "block_size": 32}, {"steps": 6, "block_size": 64, "micro_batch_size": 4,
@@ -53,8 +53,8 @@ def test_phases_resume_bit_identical_at_and_after_the_boundary(tmp_path, tiny_co
 
 
 def test_plan_from_token_budgets_and_phases(tmp_path, tiny_config):
-    from launch.core.plan import make_plan
-    from launch.tasks.mlm.config import PretrainConfig
+    from bertlaunch.core.plan import make_plan
+    from bertlaunch.tasks.mlm.config import PretrainConfig
 
     def cfg(**over):
         return configlib.load(PretrainConfig, tiny_config("pretrain", {"data.train_files": [str(REPO / "README.md")],
@@ -103,8 +103,8 @@ def test_schedule_values():
 def test_lamb_update_and_weight_decay_groups():
     from transformers import BertConfig, BertForMaskedLM
 
-    from launch.core.engine import param_groups
-    from launch.core.lamb import Lamb
+    from bertlaunch.core.engine import param_groups
+    from bertlaunch.core.lamb import Lamb
 
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(4, 3))
@@ -158,7 +158,7 @@ def test_time_budget_stops_at_the_budget_with_the_lr_at_its_floor(tmp_path, tiny
 @pytest.mark.parametrize("recipe", ["bert_base.yaml", "bert_large_phases.yaml"])
 def test_recipes_validate(recipe, tmp_path, capfd):
     """The shipped recipes pass the dry run once their data paths exist (here: a stand-in text file)."""
-    from launch.tasks.mlm.run import main
+    from bertlaunch.cli.commands import pretrain as main
 
     corpus = tmp_path / "wiki.txt"
     corpus.write_text("a river of stone and light\n\nthe garden window\n" * 200)

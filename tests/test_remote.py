@@ -7,9 +7,10 @@ import uuid
 
 import pytest
 
-from data import storage
-from data.sources import DataError, file_sizes, resolve_files
-from data.stream import StreamState
+from bertlaunch.data.corpus import storage
+from bertlaunch.data.corpus.reader import file_sizes, resolve_files
+from bertlaunch.data.corpus.shards import DataError
+from bertlaunch.data.mlm.stream import StreamState
 from tests.helpers import make_corpus
 from tests.test_formats import blocks_of, cache_shards, compressed_copy, parquet_corpus
 
@@ -52,7 +53,7 @@ def test_s3_files_give_the_local_token_streams(tmp_path, spec, bucket):
 
 
 def test_token_cache_from_s3_equals_local(tmp_path, bucket):
-    """python -m launch.tools.prepare on s3://.../X.parquet and s3://.../X.txt.gz: the shards of local X.jsonl
+    """bertlaunch prepare on s3://.../X.parquet and s3://.../X.txt.gz: the shards of local X.jsonl
     and X.txt, byte for byte."""
     jsonl, pq_file = parquet_corpus(tmp_path, n=200, row_group=23)
     assert cache_shards(tmp_path, bucket(pq_file)) == cache_shards(tmp_path, jsonl)

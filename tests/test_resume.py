@@ -11,8 +11,8 @@ import signal
 import pytest
 import torch
 
-from data.tokenize import load_spec
-from launch.core.checkpoint import list_checkpoints
+from bertlaunch.core.checkpoint import list_checkpoints
+from bertlaunch.data.tokenize import load_spec
 from tests.helpers import (
     WIKI_TEST,
     WIKI_VALID,
@@ -165,7 +165,7 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, resume_cfg, corpus,
 
 def test_export_cli_and_check_resume_cli(tmp_path, resume_cfg, corpus, capsys):
     """check_resume runs the entry script itself (python launch/pretrain.py) straight, killed and resumed."""
-    from launch.tools import check_resume, export
+    from bertlaunch.tools import check_resume, export
 
     cfg = resume_cfg([corpus(200)], 0, {"data.num_workers": 1})
     assert check_resume.main(["--config", str(cfg), "--steps", "6", "--workdir", str(tmp_path / "cr")]) == 0

@@ -11,11 +11,12 @@ import tracemalloc
 
 import pytest
 
-from data.sources import DataError, PieceReader, Segment
-from data.stream import StreamState, TextStream, text_readers
-from data.tasks import infer_labels, read_rows, require_columns
-from data.tokenize import load_spec
-from launch.core.checkpoint import list_checkpoints
+from bertlaunch.core.checkpoint import list_checkpoints
+from bertlaunch.data.corpus.reader import PieceReader, text_readers
+from bertlaunch.data.corpus.shards import DataError, Segment
+from bertlaunch.data.mlm.stream import StreamState, TextStream
+from bertlaunch.data.tables.read import infer_labels, read_rows, require_columns
+from bertlaunch.data.tokenize import load_spec
 from tests.helpers import REPO, Job, read_metrics, run
 
 BAD = REPO / "tests" / "bad_inputs"
@@ -57,7 +58,7 @@ def test_fewer_compressed_files_than_streams(pretrain_cfg, inproc, tmp_path):
         err = proc.stderr + proc.stdout
         assert "data.train_files: 1 of 2 data streams (world_size x data.num_workers) would get no document: " \
                "compressed files are read whole, one stream each, and 1 of the 1 file(s) are compressed" in err
-        assert "python -m launch.tools.prepare" in err
+        assert "bertlaunch prepare" in err
 
 
 def test_non_utf8_strict_names_file_line_byte():
@@ -130,7 +131,7 @@ def test_unknown_label_and_position_limit_in_finetune(tiny_config, inproc):
 
 
 def test_tokenizer_larger_than_model_vocab(tmp_path, pretrain_cfg, inproc):
-    from data.tokenize import load_hf_tokenizer
+    from bertlaunch.data.tokenize import load_hf_tokenizer
 
     tok = load_hf_tokenizer("bert-base-uncased")
     tok.add_tokens(["newtokenaaa", "newtokenbbb"])
@@ -255,9 +256,9 @@ def test_foreign_checkpoint_with_a_malicious_pickle_is_refused(tmp_path, pretrai
 
 
 def test_model_folder_with_a_malicious_pickle_is_refused(tmp_path):
-    from data.embedded import minilm_dir
-    from launch.core.config import ModelConfig
-    from model.build import load_mlm
+    from bertlaunch.core.config import ModelConfig
+    from bertlaunch.data.corpus.embedded import minilm_dir
+    from bertlaunch.model.build import load_mlm
 
     folder = tmp_path / "model"
     folder.mkdir()
@@ -269,5 +270,5 @@ def test_model_folder_with_a_malicious_pickle_is_refused(tmp_path):
         vocab_size, pad_id = 30522, 0
 
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):  # transformers: weights_only
-        load_mlm(ModelConfig(pretrained=str(folder)), Spec, seed=0)
+        load_mlm(ModelConfig(pretrained=str(folder)), Spec, str(folder))
     assert not marker.exists()

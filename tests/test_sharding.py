@@ -8,9 +8,10 @@ from collections import Counter
 import pytest
 import torch
 
-from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
-from data.sources import PieceReader, Segment, file_sizes, partition
-from data.stream import StreamState, TextStream, replan, text_readers
+from bertlaunch.data.corpus.reader import PieceReader, file_sizes, text_readers
+from bertlaunch.data.corpus.shards import Segment, partition
+from bertlaunch.data.mlm.batches import MLMDataset, MLMSettings, initial_states, make_loader
+from bertlaunch.data.mlm.stream import StreamState, TextStream, replan
 from tests.helpers import make_corpus
 
 
@@ -124,7 +125,7 @@ def test_worker_batches_equal_in_process_batches(tmp_path, spec):
 
 
 def test_wire_form_keeps_ids_above_16_bits():
-    from data.mlm import compact, from_wire
+    from bertlaunch.data.mlm.batches import compact, from_wire
 
     ids = torch.tensor([[70000, 5, 1, 0], [3, 65536, 0, 0]])
     batch = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
@@ -197,14 +198,12 @@ def test_replan_keeps_exactly_once(tmp_path, spec, old_n, new_n):
 def loader_process(files, then: str) -> str:
     """A python -c script: a training process's 2-worker loader over `files` (batches carry the worker's pid in
     meta["pid"]), `batches` iterated once, then the code `then`."""
-    from tests.helpers import REPO
 
     return f"""
 import os, sys, time
-sys.path.insert(0, {str(REPO)!r})
-from data.mlm import MLMDataset, MLMSettings, initial_states, make_loader
-from data.sources import file_sizes
-from data.tokenize import load_spec
+from bertlaunch.data.corpus.reader import file_sizes
+from bertlaunch.data.mlm.batches import MLMDataset, MLMSettings, initial_states, make_loader
+from bertlaunch.data.tokenize import load_spec
 
 class Pids(MLMDataset):
     def __iter__(self):

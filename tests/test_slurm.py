@@ -167,7 +167,7 @@ def test_two_node_job_with_a_killed_task_fails_fast_and_resumes_on_one_task_exac
     fails fast with exit 4 naming rank and node, and is not requeued; submitted again as 1 task on 1 node (a
     resize), it resumes from the 2-node checkpoint, and every document of every finished epoch is trained
     exactly once (audit)."""
-    from data.tokenize import load_spec
+    from bertlaunch.data.tokenize import load_spec
     from tests.helpers import audited_tokens, doc_tokens
 
     nodes = two_nodes()

@@ -6,8 +6,8 @@ import warnings
 
 import pytest
 
-from launch.core.metrics import truncate_after
-from launch.core.tracking import Tracker, auto_mode
+from bertlaunch.core.metrics import truncate_after
+from bertlaunch.core.tracking import Tracker, auto_mode
 from tests.helpers import run, run_and_kill, wandb_history
 
 SECRET_ENV = "s3cr3t-env-value-0123456789"
@@ -89,7 +89,7 @@ def test_report_writes_plots_and_summary(tmp_path):
 
 
 def run_report(*runs, out):
-    from launch.tools import report
+    from bertlaunch.tools import report
 
     return report.main([*map(str, runs), "--out", str(out)])
 
@@ -99,7 +99,7 @@ def test_resume_replays_rows_wandb_lost_and_skips_rows_it_has(tmp_path):
     has 1..4. Resume replays 3 and 4, then logs the recomputed 5.. live: every step exactly once."""
     import wandb
 
-    from launch.core.tracking import Tracker, read_history, resume_tracker
+    from bertlaunch.core.tracking import Tracker, read_history, resume_tracker
 
     out = tmp_path / "out"
     out.mkdir()

@@ -32,10 +32,10 @@ def run_rank(entry: str, argv: list[str], env: dict, logs: str, rank: int) -> in
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = [f"launch/{entry}.py", *argv]
-    from launch.tasks.classify.run import main as finetune
-    from launch.tasks.glue.run import main as glue
-    from launch.tasks.mlm.run import main as pretrain
+    from bertlaunch.cli.commands import finetune, glue, pretrain
+    from tests.faults import install_from_env
 
+    install_from_env()
     try:
         return {"pretrain": pretrain, "finetune": finetune, "glue": glue}[entry](argv)
     except SystemExit as e:
@@ -91,12 +91,8 @@ def main() -> None:
     import transformers  # noqa: F401
     from transformers import BertForMaskedLM, BertForSequenceClassification  # noqa: F401
 
-    import launch.cli.dryrun  # noqa: F401
-    import launch.core.session  # noqa: F401
-    import launch.tasks.classify.run  # noqa: F401
-    import launch.tasks.classify.task  # noqa: F401
-    import launch.tasks.mlm.run  # noqa: F401
-    import launch.tasks.mlm.task  # noqa: F401
+    import bertlaunch.cli.commands  # noqa: F401  (every task, the core, data and model)
+    import tests.faults  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # leaders are reaped by the kernel
     print("ready", flush=True)

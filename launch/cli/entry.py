@@ -1,14 +1,27 @@
-"""The body of every entry point: arguments -> config (every problem at once) -> dry run, or distributed
-set-up -> the task's run -> exit code (launch/core/exits.py)."""
+"""The body of every entry point: arguments -> config (every problem at once) -> the dry run, or distributed
+set-up -> the run -> exit code (launch/core/exits.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from launch.core import configlib
-from launch.core.exits import EXIT_CONFIG, launcher_exit
+from bertlaunch.core import configlib, dist
+from bertlaunch.core.checkpoint import CheckpointError
+from bertlaunch.core.exits import EXIT_CONFIG, launcher_exit
+
+
+@dataclass(frozen=True)
+class Command:
+    """An entry point: its config class, its run and its dry run (each returns an exit code)."""
+
+    prog: str
+    description: str
+    config: type
+    run: Callable[[object, dist.DistInfo], int]  # under an initialised process group
+    dry_run: Callable[[object, dist.DistInfo], int]  # no process group: the world as the launcher set it up
 
 
 def parse_args(argv: list[str] | None, prog: str, doc: str):
@@ -22,22 +35,17 @@ def parse_args(argv: list[str] | None, prog: str, doc: str):
     return p.parse_intermixed_args(argv)
 
 
-def entry(argv: list[str] | None, prog: str, description: str, config_cls: type,
-          dry_run: Callable[[object], int], run: Callable[[object, object], int]) -> int:
-    """dry_run(cfg) and run(cfg, dist_info) return exit codes."""
-    from launch.core import dist
-    from launch.core.checkpoint import CheckpointError
-
-    args = parse_args(argv, prog, description)
+def entry(argv: list[str] | None, command: Command) -> int:
+    args = parse_args(argv, command.prog, command.description)
     try:
-        cfg = configlib.load(config_cls, args.config, args.overrides)
+        cfg = configlib.load(command.config, args.config, args.overrides)
     except configlib.ConfigError as e:
         return fail(str(e))
     if args.dry_run:
-        return dry_run(cfg)
+        return command.dry_run(cfg, dist.detect())
     info = dist.init(cfg.train.dist_timeout_s)
     try:
-        return launcher_exit(run(cfg, info), info.is_main)
+        return launcher_exit(command.run(cfg, info), info.is_main)
     except (configlib.ConfigError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"[rank {info.rank}] error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from launch.core import configlib, dist
-from launch.core.secrets import redact
+from bertlaunch.core import configlib, dist, hooks
+from bertlaunch.core.config import CheckpointConfig
+from bertlaunch.core.layout import HF_META, RunDir
+from bertlaunch.core.secrets import redact
 
 MANIFEST = "manifest.json"
 DS_TAG = "state"
@@ -217,9 +218,11 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 # -- collective save / restore (all ranks call these together) ---------------------------------------
 class Checkpointer:
-    def __init__(self, output_dir: str, info: dist.DistInfo, keep_last: int, log, meta_writer=None):
-        self.root = Path(output_dir) / "checkpoints"
-        self.info, self.keep_last, self.log = info, keep_last, log
+    """Reads only its config section, `checkpoint` (keep_last), and the output_dir."""
+
+    def __init__(self, output_dir: str, checkpoint: CheckpointConfig, info: dist.DistInfo, log, meta_writer=None):
+        self.root = RunDir(output_dir).checkpoints
+        self.info, self.keep_last, self.log = info, checkpoint.keep_last, log
         self.meta_writer = meta_writer  # rank 0: writes hf_meta/ (model config, tokenizer) into a save
         self.protected: set[int] = set()  # steps never pruned (the best fine-tuning checkpoint)
 
@@ -237,14 +240,15 @@ class Checkpointer:
         try:
             engine.save_checkpoint(str(tmp / "ds"), tag=DS_TAG, save_latest=False)
             torch.save(rng_state(), tmp / "client" / f"rank_{self.info.rank:05d}.pt")
-            _maybe_fail_for_test(step)
+            if hooks.installed is not None:  # tests only: a failing or killed save
+                hooks.installed.saving(step)
         except Exception as e:  # disk full, I/O error: keep training state, drop this checkpoint
             error = f"{type(e).__name__}: {e}"
         failed = dist.all_reduce([1.0 if error else 0.0], "max")[0] > 0
         if not failed and self.info.is_main:
             try:
                 if self.meta_writer is not None:
-                    self.meta_writer(tmp / "hf_meta")
+                    self.meta_writer(tmp / HF_META)
                 write_json(tmp / "trainer.json", trainer_state)
                 fsync_tree(tmp)
                 write_manifest(tmp)  # the commit marker, written last
@@ -301,6 +305,11 @@ class Checkpointer:
         if same_ranks:  # per-rank RNG streams only make sense for the same ranks
             set_rng_state(load_client(ckpt, self.info.rank))
 
+    @staticmethod
+    def partitioned(ckpt: Path) -> bool:
+        """Does the checkpoint hold per-rank optimizer partitions? (Stage 0 in fp32 keeps one whole state.)"""
+        return any((ckpt / "ds" / DS_TAG).glob("*optim_states.pt"))
+
     def to_universal(self, ckpt: Path) -> None:
         """Convert the ZeRO checkpoint to DeepSpeed's universal format (once, next to it)."""
         out = ckpt / "universal"
@@ -316,13 +325,4 @@ class Checkpointer:
                                       f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
             os.replace(work, out)
         dist.barrier()
-
-
-def _maybe_fail_for_test(step: int) -> None:
-    """Fault injection for the tests (never set in normal use): BERTLAUNCH_FAIL_SAVE_AT=<step> raises
-    ENOSPC while saving; BERTLAUNCH_KILL_IN_SAVE_AT=<step> SIGKILLs the process mid-save."""
-    if os.environ.get("BERTLAUNCH_FAIL_SAVE_AT") == str(step):
-        raise OSError(28, "No space left on device (injected by BERTLAUNCH_FAIL_SAVE_AT)")
-    if os.environ.get("BERTLAUNCH_KILL_IN_SAVE_AT") == str(step):
-        os.killpg(os.getpgrp(), signal.SIGKILL)
 

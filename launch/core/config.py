@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from model.packaged import MODEL_ALIASES
-
-PRESETS = ("tiny", "mini", "small", "bert-base", "bert-large")
+from bertlaunch.model.build import PRESETS
+from bertlaunch.model.packaged import MODEL_ALIASES
 
 
 @dataclass

@@ -123,7 +123,7 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
         optimizer = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
                                       weight_decay=weight_decay, fused=True)
     elif kind == "lamb" and not torch.cuda.is_available():  # DeepSpeed's FusedLamb is a CUDA kernel
-        from launch.core.lamb import Lamb
+        from bertlaunch.core.lamb import Lamb
 
         ds_config.pop("optimizer")
         optimizer = Lamb(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=weight_decay)

@@ -9,52 +9,52 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-from launch.core import dist
-from launch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
-from launch.core.plan import Phase, phase_at
-from launch.core.probes import FaultInjection, Profiler, SpikeDetector
-from launch.core.task import Task
-from launch.core.watchdog import Heartbeat
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    tokens: int = 0  # real (non-pad) tokens trained, all ranks
-    samples: int = 0  # sequences trained, all ranks
-    skipped_steps: int = 0  # steps whose every micro-batch had a non-finite loss
-    bad_micro_batches: int = 0  # micro-batches dropped for a non-finite loss
-    elapsed_s: float = 0.0  # training wall time of earlier attempts (resumed runs)
-    best_metric: float | None = None  # fine-tuning: value of eval.metric at the best evaluation
-    best_step: int | None = None
-    best_result: dict | None = None
+from bertlaunch.core import dist, hooks
+from bertlaunch.core.config import CheckpointConfig, LogConfig, TrainConfig
+from bertlaunch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
+from bertlaunch.core.export import ExportError, export
+from bertlaunch.core.layout import RunDir
+from bertlaunch.core.metrics import SpikeDetector
+from bertlaunch.core.plan import Plan, phase_at
+from bertlaunch.core.profiler import Profiler
+from bertlaunch.core.signals import StopFlag
+from bertlaunch.core.task import Ending, Task, TrainState
+from bertlaunch.core.watchdog import Heartbeat
 
 
 class Trainer:
-    def __init__(self, *, cfg, info, engine, task: Task, state: TrainState, phases: tuple[Phase, ...], metrics,
-                 saver, stop_flag, trainer_extra, peak_flops: float | None, schedule=None):
-        self.cfg, self.info, self.engine, self.task = cfg, info, engine, task
-        self.state, self.phases, self.metrics, self.saver = state, phases, metrics, saver
-        self.phase, self.accum = None, phases[0].accum
-        self.stop_flag, self.trainer_extra, self.peak = stop_flag, trainer_extra, peak_flops
+    """Drives `task` for plan.total_steps. It reads only its own config sections: train (nan policy, time
+    budget, timeouts), log (cadence, profiling) and checkpoint (cadence, exports)."""
+
+    def __init__(self, *, train: TrainConfig, log: LogConfig, checkpoint: CheckpointConfig, run_dir: RunDir, info,
+                 engine, task: Task, state: TrainState, plan: Plan, metrics, saver, trainer_extra,
+                 peak_flops: float | None):
+        self.train, self.log, self.ckpt, self.run_dir = train, log, checkpoint, run_dir
+        self.info, self.engine, self.task = info, engine, task
+        self.state, self.phases, self.metrics, self.saver = state, plan.phases, metrics, saver
+        self.phase, self.accum = None, plan.phases[0].accum
+        self.stop_flag, self.trainer_extra, self.peak = StopFlag(), trainer_extra, peak_flops
         self.bad_in_row = 0
         # a host sync per micro-batch: on GPUs only when asked for (train.nan_check)
-        self.check_each = cfg.train.nan_check == "micro_batch" or (
-            cfg.train.nan_check == "auto" and not torch.cuda.is_available())
-        self.heartbeat = Heartbeat(cfg.output_dir, info.rank, info.world_size, cfg.train.dist_timeout_s)
-        self.faults = FaultInjection(info.rank, lambda: self.state.step + 1)
+        self.check_each = train.nan_check == "micro_batch" or (
+            train.nan_check == "auto" and not torch.cuda.is_available())
+        self.heartbeat = Heartbeat(run_dir.heartbeats, info.rank, info.world_size, train.dist_timeout_s)
+        self.hooks = hooks.installed  # tests only (launch/core/hooks.py)
+        self.loss_of = task.forward if self.hooks is None else self._hooked_loss
         self.spikes = SpikeDetector()
-        self.profiler = Profiler(cfg.output_dir, info.is_main) if cfg.log.profile else None
+        self.profiler = Profiler(run_dir.root, info.is_main) if log.profile else None
         self.p_tokens = self.p_samples = 0  # this rank's counts not yet in state.tokens/samples
-        self.budget_s = (cfg.train.time_budget_h or 0) * 3600
-        self.schedule, self.out_of_time = schedule, False  # train.time_budget_h: a TimedSchedule
+        self.budget_s = (train.time_budget_h or 0) * 3600
+        self.schedule, self.out_of_time = plan.schedule, False  # train.time_budget_h: a TimedSchedule
         # checkpoint.export_at: fractions of the steps, or of the time budget; those already passed are done
-        self.exports_due = sorted(f for f in cfg.checkpoint.export_at if f > self._progress())
+        self.exports_due = sorted(f for f in checkpoint.export_at if f > self._progress())
         self.control = None  # the stop-flag / elapsed-time all-reduce started at the previous step
         self._reset_meter()
         self.t_start = time.time()
@@ -78,7 +78,7 @@ class Trainer:
             for i in range(self.accum):  # gradient accumulation over `accum` micro-batches
                 batch = next(batches)  # input_ids/labels/attention_mask: int64[B, L]
                 task.consumed(batch, self.state.step + 1)  # the data position this batch leaves
-                loss = self.faults(task.forward(engine, batch))  # mean loss of the micro-batch
+                loss = self.loss_of(engine, batch)  # mean loss of the micro-batch
                 if self.check_each and not self._all_finite(loss):  # NaN/inf on any rank: all drop it
                     bad += 1
                     loss = task.forward(engine, task.null_batch())  # zero loss, same collectives
@@ -99,7 +99,7 @@ class Trainer:
     # -- between steps ---------------------------------------------------------------------------
     def _after_step(self, bad: int) -> int | None:
         """Log, evaluate, checkpoint; returns an exit code when the run must stop here."""
-        step, cfg = self.state.step, self.cfg
+        step, train = self.state.step, self.train
         signum, elapsed = self._agree()
         if self.budget_s:
             self._follow_time(elapsed / self.budget_s)
@@ -108,13 +108,13 @@ class Trainer:
         self.bad_in_row = self.bad_in_row + 1 if bad else 0
         if bad:
             self.metrics.info(f"WARNING: step {step}: {bad}/{self.accum} micro-batch(es) had a non-finite "
-                              f"loss and were dropped (train.nan_policy={cfg.train.nan_policy})")
-            if cfg.train.nan_policy == "stop" or self.bad_in_row >= cfg.train.max_bad_steps:
+                              f"loss and were dropped (train.nan_policy={train.nan_policy})")
+            if train.nan_policy == "stop" or self.bad_in_row >= train.max_bad_steps:
                 return self._stop(EXIT_NONFINITE, f"stopping: non-finite loss at step {step}; the last good "
                                   f"state is in {self.saver.root}; lower train.lr, use bf16/fp32, or inspect "
                                   "the data")
         record = None
-        if step % cfg.log.every == 0 or step == self.task.total_steps or self.out_of_time:
+        if step % self.log.every == 0 or step == self.task.total_steps or self.out_of_time:
             record = self._log_record(elapsed)
             if self.spikes.is_spike(record["loss"]):
                 record["loss_spike"] = 1
@@ -128,7 +128,7 @@ class Trainer:
         self.metrics.step(step, record)
         if self.task.eval_every and step % self.task.eval_every == 0 and step < self.task.total_steps:
             self.evaluate()
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        if self.ckpt.every and step % self.ckpt.every == 0:
             self.save()
         if self.exports_due and self._progress(elapsed) >= self.exports_due[0] and not self._at_end():
             self.exports_due = [f for f in self.exports_due if f > self._progress(elapsed)]
@@ -151,11 +151,11 @@ class Trainer:
         # heartbeat but does not re-arm the watchdog; tasks put single-rank work after their last collective.
         self.heartbeat.pause()
         self.evaluate()
-        if self.cfg.checkpoint.at_end or self.exports_due:
+        if self.ckpt.at_end or self.exports_due:
             ckpt = self.save()  # the final checkpoint is also the source of output_dir/final
             if self.exports_due:  # export_at 1.0 (or a fraction the last step jumped past)
                 self.export(ckpt)
-        self.task.finish(self)
+        self.task.finish(Ending(self.engine, self.state, self.saver.root, self.metrics.info))
         self.metrics.close()
         return EXIT_OK
 
@@ -179,13 +179,7 @@ class Trainer:
         (downstream evaluation can start while training goes on); a failed export warns and training goes on."""
         if not self.info.is_main or ckpt is None:
             return
-        import os
-        import shutil
-        from pathlib import Path
-
-        from launch.tools.export import export
-
-        dest = Path(self.cfg.output_dir) / "exports" / ckpt.name
+        dest = self.run_dir.exports / ckpt.name
         tmp = dest.with_name(dest.name + ".part")
         try:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -194,7 +188,7 @@ class Trainer:
             os.replace(tmp, dest)
             self.metrics.info(f"exported step {self.state.step} ({self.state.step / self.task.total_steps:.0%} of "
                               f"the run): {dest}")
-        except (OSError, SystemExit, RuntimeError, ValueError) as e:
+        except (OSError, ExportError, RuntimeError, ValueError) as e:
             self.metrics.info(f"WARNING: export of {ckpt} failed ({e}); training continues")
 
     def save(self):
@@ -205,6 +199,9 @@ class Trainer:
         return self.saver.save(self.engine, self.state.step, trainer)
 
     # -- helpers ---------------------------------------------------------------------------------
+    def _hooked_loss(self, engine, batch):
+        return self.hooks.loss(self.state.step + 1, self.info.rank, self.task.forward(engine, batch))
+
     def _at_end(self) -> bool:
         return self.state.step >= self.task.total_steps or self.out_of_time
 

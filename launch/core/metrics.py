@@ -17,6 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
+from bertlaunch.core.layout import RunDir
+
 # Dense peak TFLOP/s of one device by (name fragment, precision); fp32 on GPUs means TF32 tensor cores.
 PEAK_TFLOPS = [
     ("H200", {"bf16": 989.4, "fp16": 989.4, "fp32": 494.7}),
@@ -67,7 +71,7 @@ class MetricsLog:
     def __init__(self, output_dir: str, enabled: bool, total_steps: int, start_step: int,
                  progress: bool = True, tracker=None):
         self.enabled, self.total, self.tracker = enabled, total_steps, tracker
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = RunDir(output_dir).metrics
         self.bar, self.refreshed = None, 0.0
         self.t_start, self.start_step = time.time(), start_step
         self.previous_max_step = 0
@@ -77,8 +81,6 @@ class MetricsLog:
         self.previous_max_step = truncate_after(self.path, start_step)
         self.file = open(self.path, "a", buffering=1)
         if progress and sys.stdout.isatty():
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def write(self, record: dict) -> None:
@@ -121,6 +123,26 @@ class MetricsLog:
         self.file.close()
         if self.tracker is not None:
             self.tracker.finish()
+
+
+class SpikeDetector:
+    """Warns when a logged loss jumps far above its recent exponential mean (a sign of divergence)."""
+
+    def __init__(self, alpha: float = 0.1, sigmas: float = 4.0, warmup: int = 5):
+        self.alpha, self.sigmas, self.warmup = alpha, sigmas, warmup
+        self.mean, self.var, self.n = 0.0, 0.0, 0
+
+    def is_spike(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return False
+        spike = self.n >= self.warmup and loss > self.mean + self.sigmas * math.sqrt(self.var) and \
+            loss > 1.2 * self.mean
+        if not spike:  # spikes do not pollute the running statistics
+            d = loss - self.mean if self.n else 0.0
+            self.mean = loss if not self.n else self.mean + self.alpha * d
+            self.var = (1 - self.alpha) * (self.var + self.alpha * d * d)
+            self.n += 1
+        return spike
 
 
 def truncate_after(path: Path, step: int) -> int:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from launch.core import configlib
-from launch.core.engine import fill_ds_config, load_ds_json, resolve_precision
-from launch.core.schedule import Schedule, TimedSchedule
+from bertlaunch.core import configlib
+from bertlaunch.core.engine import fill_ds_config, load_ds_json, resolve_precision
+from bertlaunch.core.schedule import Schedule, TimedSchedule
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """Learning-rate schedules: the lr multiplier as a function of the optimizer step (or, with a time budget, of
-the fraction of the budget used). One formula per schedule, so the run, the dry run and `launch.tools.report`
+the fraction of the budget used). One formula per schedule, so the run, the dry run and `bertlaunch report`
 (which plots it) cannot disagree.
 
     linear        warmup, then straight down to the floor at the last step

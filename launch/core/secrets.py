@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from launch.core import configlib
+from bertlaunch.core import configlib
+from bertlaunch.core.layout import RunDir
 
 SECRET_WORDS = ("key", "token", "secret", "password", "passwd", "auth", "credential")
 
@@ -47,4 +48,4 @@ def write_config(cfg, output_dir: str) -> None:
     text = yaml.safe_dump(redact(configlib.to_dict(cfg)), sort_keys=False)
     tmp = out / "config.yaml.part"
     tmp.write_text(text)
-    os.replace(tmp, out / "config.yaml")
+    os.replace(tmp, RunDir(out).config)

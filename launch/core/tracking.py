@@ -17,8 +17,9 @@ import secrets
 import warnings
 from pathlib import Path
 
-from launch.core import configlib
-from launch.core.secrets import redact
+from bertlaunch.core.config import WandbConfig
+from bertlaunch.core.layout import RunDir
+from bertlaunch.core.secrets import redact
 
 
 def api_key_configured() -> bool:
@@ -80,27 +81,26 @@ def auto_mode() -> tuple[str, str]:
     return "offline", "no API key configured"
 
 
-def make_tracker(cfg, info, session) -> Tracker | None:
-    """Rank 0 only. Returns None when disabled or when wandb cannot start."""
-    w = cfg.log.wandb
+def make_tracker(w: WandbConfig, output_dir: str, config: dict, info, run_id: str | None) -> Tracker | None:
+    """Rank 0's wandb run (its own section, log.wandb; `config` is the run's config, already redacted), continuing
+    `run_id` when resuming. None on the other ranks, when disabled, or when wandb cannot start."""
     mode, why = (w.mode, "") if w.mode != "auto" else auto_mode()
     if mode == "disabled" or not info.is_main:
         return None
     if why == "no API key configured":
-        print(f"wandb: no API key configured, logging offline to {cfg.output_dir}/wandb "
+        print(f"wandb: no API key configured, logging offline to {RunDir(output_dir).wandb} "
               "(upload later with `wandb sync <run dir>`; log.wandb.mode=disabled turns it off)", flush=True)
-    saved = session.saved or {}
     try:
-        import wandb
+        import wandb  # lazy: rank 0 only, and only when tracking is on (a heavy import)
 
-        run_id = saved.get("wandb_id") or secrets.token_hex(4)  # wandb ids: 8 lowercase alnum
+        run_id = run_id or secrets.token_hex(4)  # wandb ids: 8 lowercase alnum
         # x_disable_meta: no command line / environment / host metadata in the run (they can hold secrets);
         # disable_git: the run folder is no git checkout (wandb would warn "git root ... does not exist")
         # flush the run's .wandb log every second (default 15 s): a SIGKILL then loses at most a second
         # of rows, and those are replayed from metrics.jsonl on resume (see `resume_tracker`)
-        run = wandb.init(project=w.project, entity=w.entity, name=redact(w.name or Path(cfg.output_dir).name),
+        run = wandb.init(project=w.project, entity=w.entity, name=redact(w.name or Path(output_dir).name),
                          tags=redact(list(w.tags)) or None, id=run_id, resume="allow", mode=mode,
-                         dir=cfg.output_dir, config=redact(configlib.to_dict(cfg)),
+                         dir=output_dir, config=config,
                          settings=wandb.Settings(silent=True, x_disable_meta=True, save_code=False,
                                                  disable_git=True, x_transaction_log_flush_interval=1.0))
     except Exception as e:
@@ -120,14 +120,14 @@ def resume_tracker(tracker: Tracker, output_dir: str, start_step: int, previous_
     run_id = tracker.run_id
     known = [getattr(tracker.run, "starting_step", 0) - 1]
     try:
-        for d in Path(output_dir, "wandb").glob(f"*run-*-{run_id}"):
+        for d in RunDir(output_dir).wandb.glob(f"*run-*-{run_id}"):
             known += [step for rid, step, _ in read_history(d) if rid in (run_id, None)]
         last = max(known)
     except Exception:  # an unreadable log (other wandb version): fall back to skipping
         tracker.skip_until = previous_max_step
         return
     tracker.skip_until = last
-    path = Path(output_dir) / "metrics.jsonl"
+    path = RunDir(output_dir).metrics
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     for row in rows:
         if last < row.get("step", 0) <= start_step:

@@ -15,12 +15,12 @@ import threading
 import time
 from pathlib import Path
 
-from launch.core.exits import EXIT_HUNG
+from bertlaunch.core.exits import EXIT_HUNG
 
 
 class Heartbeat:
-    def __init__(self, output_dir: str, rank: int, world: int, timeout_s: float, poll_s: float = 2.0):
-        self.dir = Path(output_dir) / ".heartbeat"
+    def __init__(self, folder: Path, rank: int, world: int, timeout_s: float, poll_s: float = 2.0):
+        self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.rank, self.world, self.timeout, self.poll = rank, world, timeout_s, poll_s
         self.path = self.dir / f"rank_{rank:05d}"

@@ -1,10 +1,10 @@
-"""Check that resuming is exact for *your* config: `python -m launch.tools.check_resume --config F [k=v ...]`.
+"""Check that resuming is exact for *your* config: `bertlaunch check-resume --config F [k=v ...]`.
 
 Runs the config for a few steps straight through, then again with a real SIGKILL of the whole job
 after a checkpoint and a resume, and compares per-step losses and the final weights bit for bit.
 Exit code 0 when they match, 1 when they do not (the report says from which step).
 
-    python -m launch.tools.check_resume --config configs/wikitext2_tiny.yaml --ranks 2 --steps 12
+    bertlaunch check-resume --config configs/wikitext2_tiny.yaml --ranks 2 --steps 12
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def compare(straight: Path, resumed: Path) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.tools.check_resume", description=__doc__,
+    p = argparse.ArgumentParser(prog="bertlaunch check-resume", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
     p.add_argument("--entry", default="pretrain", choices=["pretrain", "finetune"])

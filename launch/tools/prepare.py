@@ -1,8 +1,8 @@
-"""Build a token cache once, in parallel: `python -m launch.tools.prepare --config RUN.yaml --out DIR [--workers N]`.
+"""Build a token cache once, in parallel: `bertlaunch prepare --config RUN.yaml --out DIR [--workers N]`.
 
 Reads data.train_files (and tokenizer, data.txt_documents, data.text_field, ...) from a pretraining config
 (or --files / --tokenizer; or one source of a mixture, --source NAME), tokenizes with one process per core
-(data/prepare.py), and writes the shards that training reads with data.cache=DIR. Any input training reads
+(data/mlm/cache_build.py), and writes the shards that training reads with data.cache=DIR. Any input training reads
 works: .txt/.jsonl plain or compressed, .parquet, local or fsspec URLs (data.storage_options applies).
 """
 
@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data.prepare import prepare
-from launch.core import configlib
-from launch.tasks.mlm.config import PretrainConfig, use_storage
+from bertlaunch.core import configlib
+from bertlaunch.data.mlm.cache_build import prepare
+from bertlaunch.tasks.mlm.config import PretrainConfig, use_storage
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.tools.prepare", description=__doc__,
+    p = argparse.ArgumentParser(prog="bertlaunch prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a pretraining YAML: its data.* and tokenizer are used")
     p.add_argument("--files", nargs="*", help="paths/globs (instead of the config's data.train_files)")

@@ -1,4 +1,4 @@
-"""Run report without an account: `python -m launch.tools.report OUTPUT_DIR [OUTPUT_DIR ...] [--out DIR]`.
+"""Run report without an account: `bertlaunch report OUTPUT_DIR [OUTPUT_DIR ...] [--out DIR]`.
 
 Reads each run's metrics.jsonl and writes PNG plots (loss and eval curves, learning rate, throughput,
 MFU; several runs overlaid) and report.md (final metrics, tokens, wall time, GPU-hours) into --out
@@ -103,12 +103,12 @@ def fmt(v) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.tools.report", description=__doc__,
+    p = argparse.ArgumentParser(prog="bertlaunch report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="output_dir of one or more runs")
     p.add_argument("--out", help="where the PNGs and report.md go (default: FIRST_RUN/report)")
     args = p.parse_args(argv)
-    from launch.tasks.glue.results import glue_runs
+    from bertlaunch.tasks.glue.results import glue_runs
 
     paths, head = [], []
     for r in map(Path, args.runs):

@@ -1,8 +1,8 @@
 """Mean ± std of fine-tuning results over several runs (seeds, array tasks), or a GLUE suite's table:
 
-    python -m launch.tools.summary runs/mrpc_seed*        # reads each output_dir/eval_results.json
-    python -m launch.tools.summary --json runs/mrpc_seed*
-    python -m launch.tools.summary runs/glue_minilm       # a GLUE output_dir: its glue_results.md / .json
+    bertlaunch summary runs/mrpc_seed*        # reads each output_dir/eval_results.json
+    bertlaunch summary --json runs/mrpc_seed*
+    bertlaunch summary runs/glue_minilm       # a GLUE output_dir: its glue_results.md / .json
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def stats(xs: list[float]) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.tools.summary", description=__doc__,
+    p = argparse.ArgumentParser(prog="bertlaunch summary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dirs", nargs="+", help="fine-tuning output dirs (globs allowed)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from launch.core.config import (
+from bertlaunch.core.config import (
     CheckpointConfig,
     DeepSpeedConfig,
     EvalConfig,
@@ -16,7 +16,7 @@ from launch.core.config import (
     TrainConfig,
     validate_common,
 )
-from launch.core.configlib import REQUIRED
+from bertlaunch.core.configlib import REQUIRED
 
 
 @dataclass

@@ -8,26 +8,22 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from launch.core.checkpoint import DS_TAG, step_dir
-
-
-def meta_writer_for(hf_config, tokenizer):
-    def write(path: Path) -> None:
-        hf_config.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        (path / "task.json").write_text(json.dumps({"kind": "classification"}))
-    return write
+from bertlaunch.core.checkpoint import DS_TAG, step_dir
+from bertlaunch.core.export import export
+from bertlaunch.core.layout import RunDir
+from bertlaunch.core.task import Ending
 
 
-def finish_finetune(task, trainer) -> None:
+def finish_finetune(task, end: Ending) -> None:
     """Best weights back in the engine, test predictions (collective), then rank 0 alone writes
     eval_results.json and final/; no collective follows, so the other ranks do not wait on the export."""
-    cfg, state, engine = task.cfg, trainer.state, trainer.engine
-    out = Path(cfg.output_dir)
-    source = step_dir(trainer.saver.root, state.step)
+    cfg, state, engine = task.cfg, end.state, end.engine
+    out = RunDir(cfg.output_dir)
+    source = step_dir(end.checkpoints, state.step)
     if cfg.eval.save_best and state.best_step is not None and state.best_step != state.step:
-        source = step_dir(trainer.saver.root, state.best_step)
+        source = step_dir(end.checkpoints, state.best_step)
         path, _ = engine.load_checkpoint(str(source / "ds"), tag=DS_TAG, load_module_only=True,
                                          load_optimizer_states=False, load_lr_scheduler_states=False)
         if path is None:
@@ -37,21 +33,17 @@ def finish_finetune(task, trainer) -> None:
     tables = ({"": task.d.test} if task.d.test is not None else {}) | task.d.extra_test
     for name, table in tables.items():
         engine.eval()
-        import torch
-
         with torch.no_grad():
             logits = task.predict(engine, table.enc)
         if table.has_labels:
             results["test" + (f"_{name}" if name else "")] = task.scores(logits, table.enc.labels, "test")
-        if trainer.info.is_main:
-            write_predictions(out / (f"predictions_{name}.tsv" if name else "predictions.tsv"), logits, table, task)
-    if trainer.info.is_main:
-        (out / "eval_results.json").write_text(json.dumps(results, indent=1))
+        if task.info.is_main:
+            write_predictions(out.predictions(name), logits, table, task)
+    if task.info.is_main:
+        out.eval_results.write_text(json.dumps(results, indent=1))
         if source.is_dir():
-            from launch.tools.export import export
-
-            export(source, out / "final")
-            trainer.metrics.info(f"final model (step {source.name}): {out / 'final'}")
+            export(source, out.final)
+            end.log(f"final model (step {source.name}): {out.final}")
 
 
 def write_predictions(path: Path, logits: np.ndarray, table, task) -> None:

@@ -6,18 +6,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data.task_data import TaskData
-from launch.core import dist
-from launch.core.checkpoint import CheckpointError
-from launch.core.metrics import arch_of, encoder_flops
-from launch.core.session import Session
-from launch.tasks.classify.config import FinetuneConfig
-from launch.tasks.classify.scores import default_metric, task_metrics
+from bertlaunch.core import dist
+from bertlaunch.core.metrics import arch_of, encoder_flops
+from bertlaunch.core.plan import Plan
+from bertlaunch.core.task import Ending, Resume
+from bertlaunch.data.tables.load import TaskData
+from bertlaunch.data.tables.pairs import collate, epoch_order, split_global
+from bertlaunch.tasks.classify.config import FinetuneConfig
+from bertlaunch.tasks.classify.outputs import finish_finetune
+from bertlaunch.tasks.classify.scores import default_metric, task_metrics
 
 
 class ClassifyTask:
-    def __init__(self, cfg: FinetuneConfig, info, data: TaskData, hf_config, session: Session):
-        p = session.plan
+    def __init__(self, cfg: FinetuneConfig, info, data: TaskData, hf_config, p: Plan, resume: Resume):
         self.cfg, self.info, self.d, self.accum = cfg, info, data, p.accum
         self.arch, self.num_labels = arch_of(hf_config), data.labels.num_labels
         self.regression = data.labels.kind == "regression"
@@ -28,18 +29,12 @@ class ClassifyTask:
         self.eval_every = cfg.eval.every or self.steps_per_epoch
         self.keeps_best = cfg.eval.save_best
         self.metric = cfg.eval.metric or default_metric(data.labels.kind, self.num_labels)
-        self.start_step = session.start_step
-        saved = session.saved
-        if saved and saved.get("train_examples") != [data.train_path, len(data.train)]:
-            raise CheckpointError(f"task.train_file changed since {session.resume_from}: it had "
-                                  f"{saved.get('train_examples')}, now {[data.train_path, len(data.train)]}")
+        self.start_step = resume.step
         self.device, self._orders = dist.device(), {}
 
     # -- training data ---------------------------------------------------------------------------
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         """The epoch's global batches: a function of (seed, epoch) only, cached for the current epoch."""
-        from data.pairs import epoch_order
-
         if epoch not in self._orders:
             self._orders = {epoch: epoch_order(self.d.train.lengths, self.global_batch, self.cfg.train.seed, epoch,
                                                self.cfg.task.length_grouping, self.cfg.task.group_factor)}
@@ -47,8 +42,6 @@ class ClassifyTask:
 
     def batches(self):
         """This rank's micro-batches, starting at the resumed step: a seek, not a replay."""
-        from data.pairs import split_global
-
         step = self.start_step
         while True:
             epoch, k = divmod(step, self.steps_per_epoch)
@@ -58,8 +51,6 @@ class ClassifyTask:
             step += 1
 
     def _collate(self, enc, idx, n_step=None):
-        from data.pairs import collate
-
         return collate(enc, np.asarray(idx, dtype=np.int64), self.d.pad_id, self.regression,
                        self.cfg.task.pad_to_multiple_of, n_step, self.cfg.task.unpad)
 
@@ -152,8 +143,6 @@ class ClassifyTask:
             state.best_result = result
         return better
 
-    def finish(self, trainer) -> None:
-        from launch.tasks.classify.outputs import finish_finetune
-
-        finish_finetune(self, trainer)
+    def finish(self, end: Ending) -> None:
+        finish_finetune(self, end)
 

@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data.glue import TASKS, lookup, present, unknown_task_message
-from launch.core.config import CheckpointConfig, DeepSpeedConfig, LogConfig, ModelConfig, validate_common
-from launch.core.configlib import REQUIRED
-from launch.tasks.classify.config import FinetuneEvalConfig, FinetuneTrainConfig
+from bertlaunch.core.config import CheckpointConfig, DeepSpeedConfig, LogConfig, ModelConfig, validate_common
+from bertlaunch.core.configlib import REQUIRED
+from bertlaunch.data.tables.glue import TASKS, lookup, present, unknown_task_message
+from bertlaunch.tasks.classify.config import FinetuneEvalConfig, FinetuneTrainConfig
+from bertlaunch.tasks.glue.finetune import override_problems
 
 
 @dataclass
@@ -98,7 +99,5 @@ class GlueConfig:
         if self.model.preset and not self.tokenizer:
             p.append("model.preset needs an explicit tokenizer (e.g. tokenizer=<folder>)")
         if all(isinstance(s, dict) for s in g.overrides.values()):
-            from launch.tasks.glue.suite import override_problems
-
             p += override_problems(self)
         return p

@@ -14,9 +14,9 @@ import os
 import zipfile
 from pathlib import Path
 
-from data.glue import TASKS, GlueTask
-from launch.tasks.glue.runner import Outcome
-from launch.tasks.glue.suite import Run
+from bertlaunch.data.tables.glue import TASKS, GlueTask
+from bertlaunch.tasks.glue.runner import Outcome
+from bertlaunch.tasks.glue.suite import Run
 
 # Dev-set numbers of bert-base-uncased fine-tuned with run_glue.py (batch 32, lr 2e-5, 3 epochs; MRPC and
 # WNLI 5 epochs), from Hugging Face transformers' examples/pytorch/text-classification/README.md.

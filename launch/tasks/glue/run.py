@@ -1,27 +1,23 @@
-"""The GLUE suite, wired: config -> the (task, seed) runs -> each an ordinary fine-tuning run -> results
-table, glue_results.json and the submission folder. Exit code: 0 when every run finished, else the first
-failed run's code (glue_results.* are written either way); 75 when stopped for requeue."""
+"""The GLUE suite: config -> the (task, seed) runs -> each an ordinary fine-tuning run (launch/core/assemble.py)
+-> results table, glue_results.json and the submission folder. Exit code: 0 when every run finished, else the
+first failed run's code (glue_results.* are written either way); 75 when stopped for requeue."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from launch.cli.entry import entry
-from launch.tasks.glue.config import GlueConfig
+from bertlaunch.core import configlib, dist
+from bertlaunch.core.assemble import assemble, log0
+from bertlaunch.core.exits import EXIT_REQUEUE
+from bertlaunch.core.preflight import Preflight
+from bertlaunch.core.secrets import write_config
+from bertlaunch.tasks.classify.spec import FINETUNE
+from bertlaunch.tasks.glue import results, runner, suite
+from bertlaunch.tasks.glue.config import GlueConfig
+from bertlaunch.tasks.glue.finetune import finetune_config
 
 
-def main(argv=None) -> int:
-    return entry(argv, "launch/glue.py", "Fine-tune and score a BERT-style encoder on the GLUE benchmark.",
-                 GlueConfig, dry_run, run)
-
-
-def run(cfg: GlueConfig, info) -> int:
-    from launch.core import configlib
-    from launch.core.exits import EXIT_REQUEUE
-    from launch.core.secrets import write_config
-    from launch.core.session import log0
-    from launch.tasks.glue import results, runner, suite
-
+def run(cfg: GlueConfig, info: dist.DistInfo) -> int:
     log = log0(info)
     every = suite.runs(cfg)
     todo = every
@@ -49,71 +45,35 @@ def run(cfg: GlueConfig, info) -> int:
     return failed[0] if failed else 0
 
 
-def dry_run(cfg: GlueConfig) -> int:
-    """Every task's files, columns, labels, sizes and steps, and the list of runs; every problem at once."""
-    from launch.cli.dryrun import _finish
-    from launch.core import configlib, dist
-    from launch.core.plan import make_plan
-    from launch.tasks.glue import runner, suite
-
-    problems: list[str] = []
+def dry_run(cfg: GlueConfig, info: dist.DistInfo) -> int:
+    """The list of runs, then each task's fine-tuning dry run (its first seed), through the same assembly as
+    the run: files, columns, labels, plan, model and one batch; every problem at once."""
+    dry = Preflight()
     every = suite.runs(cfg)
-    info = dist.detect()
     try:
         slots, _ = runner.slots_for(cfg, info)
     except configlib.ConfigError as e:
-        problems += e.problems
+        dry.problems += e.problems
         slots = 1
-    print(f"glue          {len(every)} run(s) = {len(every) // max(len(cfg.glue.seeds), 1)} task(s) x seeds "
-          f"{cfg.glue.seeds}; {slots} at a time; world size {info.world_size} ({info.launcher})")
+    seeds = max(len(cfg.glue.seeds), 1)
+    print(f"glue          {len(every)} run(s) = {len(every) // seeds} task(s) x seeds {cfg.glue.seeds}; {slots} at a "
+          f"time; world size {info.world_size} ({info.launcher})")
     print(f"model         {cfg.model.pretrained or cfg.model.preset}"
           + (f"; {', '.join(cfg.glue.from_mnli)} start from MNLI's model" if cfg.glue.from_mnli else ""))
-    for r in every[::max(len(cfg.glue.seeds), 1)]:
-        try:
-            ft = suite.finetune_config(cfg, r)
-        except configlib.ConfigError as e:
-            problems += e.problems
-            continue
-        rows, where, more = _tables(ft, r)
-        problems += more
-        p, more = make_plan(ft, info.world_size, examples=rows or 1, epochs=ft.train.epochs)
-        problems += [f"{r.task.name}: {m}" for m in more]
-        labels = "regression (a score)" if r.task.labels is None else "labels " + "/".join(r.task.labels)
-        print(f"{r.task.name:13s} {labels}; metrics {', '.join(r.task.metrics)}; columns {ft.task.text_a!r}"
-              + (f" + {ft.task.text_b!r}" if ft.task.text_b else "") + f" -> {ft.task.label!r}; "
-              f"{p.total_steps} steps per run (batch {p.global_batch}, {ft.train.epochs:g} epochs, lr {ft.train.lr:g})")
-        print(f"  data        {where}")
     for i, r in enumerate(every):
-        state = "finished" if r.finished() else "to run"
-        print(f"run {i:<9d} {r.name:22s} {state:9s} {r.out}")
-    return _finish(problems)
-
-
-def _tables(ft, run) -> tuple[int, str, list[str]]:
-    """Read every table of the run (no tokenizer). -> (training rows, where and how big, problems)."""
-    from data.tasks import infer_labels, read_rows, require_columns
-
-    t = ft.task
-    if t.dataset:
-        return 0, (f"hub {t.dataset} ({t.dataset_config}): splits {t.train_split}, {t.eval_split}, {t.test_split}"
-                   + "".join(f", {s}" for s in {**t.extra_eval, **t.extra_test}.values())), []
-    needed = {"task.text_a": t.text_a, "task.label": t.label} | ({"task.text_b": t.text_b} if t.text_b else {})
-    unlabelled = {k: v for k, v in needed.items() if k != "task.label"}
-    tables = [("train", t.train_file, needed), ("dev", t.eval_file, needed)] + \
-        [(f"dev {n}", f, needed) for n, f in t.extra_eval.items()] + \
-        ([("test", t.test_file, unlabelled)] if t.test_file else []) + \
-        [(f"test {n}", f, unlabelled) for n, f in t.extra_test.items()]
-    problems, sizes, train_rows = [], [], 0
-    for name, path, columns in tables:
+        print(f"run {i:<9d} {r.name:22s} {'finished' if r.finished() else 'to run':9s} {r.out}")
+    for r in every[::seeds]:
+        labels = "regression (a score)" if r.task.labels is None else "labels " + "/".join(r.task.labels)
+        print(f"\n{r.task.name:13s} {labels}; metrics {', '.join(r.task.metrics)}")
         try:
-            rows = read_rows(path, t.format, t.columns, t.text_a)
-            require_columns(rows, columns)
-            if name == "train":
-                labels = infer_labels(rows, t.label, t.problem, t.labels)
-                for i, row in enumerate(rows.rows):  # a label outside GLUE's set names the line
-                    labels.encode(row[t.label], rows, i, t.label)
-                train_rows = min(len(rows.rows), t.max_train_examples or len(rows.rows))
-            sizes.append(f"{name} {len(rows.rows)}")
-        except (ValueError, OSError) as e:
-            problems.append(f"{run.task.name}: {e}")
-    return train_rows, f"{Path(t.train_file).parent}: {', '.join(sizes)} rows", problems
+            ft = finetune_config(cfg, r)
+        except configlib.ConfigError as e:
+            dry.problems += e.problems
+            continue
+        if r.after_mnli:  # MNLI's model does not exist before the suite has run
+            print(f"starts from   {ft.model.pretrained} (made by this suite)")
+            continue
+        task_dry = Preflight()
+        assemble(FINETUNE, ft, info, task_dry)
+        dry.problems += [f"{r.task.name}: {p}" for p in task_dry.problems]
+    return dry.finish()

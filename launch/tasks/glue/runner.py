@@ -17,13 +17,15 @@ from pathlib import Path
 
 import yaml
 
-from launch.core import configlib, dist
-from launch.core.checkpoint import CheckpointError
-from launch.core.exits import EXIT_CONFIG, EXIT_REQUEUE
-from launch.tasks.glue.config import GlueConfig
-from launch.tasks.glue.suite import Run, finetune_config, finetune_dict, stale
-
-REPO = Path(__file__).resolve().parents[3]
+from bertlaunch.core import configlib, dist
+from bertlaunch.core.assemble import assemble
+from bertlaunch.core.checkpoint import CheckpointError
+from bertlaunch.core.exits import EXIT_CONFIG, EXIT_REQUEUE
+from bertlaunch.core.layout import FINAL
+from bertlaunch.tasks.classify.spec import FINETUNE
+from bertlaunch.tasks.glue.config import GlueConfig
+from bertlaunch.tasks.glue.finetune import Run, finetune_config, finetune_dict
+from bertlaunch.tasks.glue.suite import stale
 
 
 @dataclass
@@ -39,7 +41,7 @@ def prepare(cfg: GlueConfig, run: Run, done: dict[str, Outcome]) -> Outcome | No
         mnli = done.get(f"MNLI/seed_{run.seed}")
         if mnli is not None and mnli.code != 0:
             return Outcome(EXIT_CONFIG, f"starts from MNLI seed {run.seed}, which failed")
-        if not (run.out.parent.parent / "MNLI" / f"seed_{run.seed}" / "final").is_dir():
+        if not (run.out.parent.parent / "MNLI" / f"seed_{run.seed}" / FINAL).is_dir():
             return Outcome(EXIT_CONFIG, f"starts from MNLI seed {run.seed}'s model, which does not exist yet (a job "
                                         "array's final plain run trains it once MNLI has finished)")
     try:
@@ -57,15 +59,13 @@ def prepare(cfg: GlueConfig, run: Run, done: dict[str, Outcome]) -> Outcome | No
 
 def sequential(cfg: GlueConfig, todo: list[Run], info: dist.DistInfo, log) -> dict[str, Outcome]:
     """Each run in this process, with every rank of the launch (the process group stays up in between)."""
-    from launch.tasks.classify.run import run as finetune
-
     done: dict[str, Outcome] = {}
     for run in todo:
         outcome = prepare(cfg, run, done)
         if outcome is None:
             log(f"glue: {run.name} -> {run.out}")
             try:
-                code = finetune(finetune_config(cfg, run), info)
+                code = assemble(FINETUNE, finetune_config(cfg, run), info).fit()
                 outcome = Outcome(code, "" if code == 0 else f"exit code {code}")
             except (ValueError, OSError, CheckpointError) as e:  # bad input or config (DataError, ConfigError, ...)
                 outcome = Outcome(EXIT_CONFIG, reason(e))
@@ -146,7 +146,7 @@ def start_child(cfg: GlueConfig, run: Run, gpu: int | None) -> subprocess.Popen:
     config = run.out / "glue_run.yaml"
     config.write_text(yaml.safe_dump(finetune_dict(cfg, run), sort_keys=False))
     log = open(run.out / "glue.log", "a")
-    cmd = [sys.executable, str(REPO / "launch" / "finetune.py"), "--config", str(config)]
+    cmd = [sys.executable, "-m", "bertlaunch", "finetune", "--config", str(config)]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dist.standalone_env(gpu), cwd=Path.cwd())
 
 
@@ -165,3 +165,4 @@ def slots_for(cfg: GlueConfig, info: dist.DistInfo) -> tuple[int, bool]:
     if gpus and n > gpus:
         raise configlib.ConfigError([f"glue.parallel={n} but only {gpus} GPU(s) are visible: one run per GPU"])
     return n, bool(gpus)
+

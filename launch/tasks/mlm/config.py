@@ -7,8 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data.storage import is_remote
-from launch.core.config import (
+from bertlaunch.core.config import (
     CheckpointConfig,
     DeepSpeedConfig,
     EvalConfig,
@@ -17,8 +16,9 @@ from launch.core.config import (
     TrainConfig,
     validate_common,
 )
-from launch.core.configlib import REQUIRED
-from launch.core.plan import PhaseSpec
+from bertlaunch.core.configlib import REQUIRED
+from bertlaunch.core.plan import PhaseSpec
+from bertlaunch.data.corpus.storage import is_remote
 
 
 @dataclass
@@ -59,7 +59,7 @@ class DataConfig:
     text_field: str = "text"
     """Field holding the text in .jsonl records."""
     cache: str | None = None
-    """A token cache folder from `python -m launch.tools.prepare`; when set it is read instead of train_files."""
+    """A token cache folder from `bertlaunch prepare`; when set it is read instead of train_files."""
     block_size: int = 128
     """Tokens per packed block (sequence length)."""
     mlm_probability: float = 0.15
@@ -79,8 +79,8 @@ class DataConfig:
 
 
 def use_storage(d: DataConfig) -> None:
-    """Hand data.storage_options / io_retries to data/storage.py for this process (and its forked workers)."""
-    from data.storage import configure
+    """Hand data.storage_options / io_retries to data/corpus/storage.py for this process (and its forked workers)."""
+    from bertlaunch.data.corpus.storage import configure
 
     configure(d.storage_options, d.io_retries)
 
@@ -152,7 +152,7 @@ class PretrainConfig:
         d = self.data
         if not (d.train_files or d.cache or d.sources):
             p.append("no training data: set data.train_files (paths or globs of .txt/.jsonl), data.sources (a "
-                     "weighted mixture) or data.cache (a token cache from python -m launch.tools.prepare)")
+                     "weighted mixture) or data.cache (a token cache from bertlaunch prepare)")
         if d.sources and (d.train_files or d.cache):
             p.append("data.sources replaces data.train_files" + (" and data.cache" if d.cache else "")
                      + ": set one of them (train_files is the one-source shorthand)")
@@ -175,7 +175,7 @@ class PretrainConfig:
             p.append(f"data.io_retries must be >= 1, got {d.io_retries}")
         if d.cache and not Path(d.cache, "meta.json").is_file():
             p.append(f"data.cache: '{d.cache}' is not a finished token cache (no meta.json); build it with "
-                     "python -m launch.tools.prepare --config <this config> --out <folder>")
+                     "bertlaunch prepare --config <this config> --out <folder>")
         if d.block_size is not None and not 8 <= d.block_size:
             p.append(f"data.block_size must be at least 8, got {d.block_size}")
         longest = self.max_block_size() if all(ph.block_size for ph in self.train.phases) else d.block_size

@@ -5,108 +5,48 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
+from dataclasses import replace
 
 import torch
 
-from launch.core import configlib, dist
-from launch.core.checkpoint import step_dir
-from launch.core.metrics import arch_of, encoder_flops
-from launch.core.session import Session
-from launch.tasks.mlm.config import PretrainConfig
-
-
-def starved_why(files: list[str]) -> str:
-    """Why some streams get no document, and the ways out (for the error and the dry run)."""
-    from data.compressed import compression_of
-
-    packed = sum(1 for f in files if compression_of(f))
-    if packed:
-        return (f"compressed files are read whole, one stream each, and {packed} of the {len(files)} file(s) "
-                "are compressed; lower data.num_workers, use fewer ranks, add files, or build a token cache, "
-                "which splits compressed files evenly: python -m launch.tools.prepare")
-    return "the corpus is too small to split that many ways; lower data.num_workers, use fewer ranks or add data"
-
-
-def check_streams(d, files: list[str], sizes: list[int], sources, n: int) -> None:
-    """Every one of the n streams owns at least one document (of every source of a mixture), else a
-    DataError that says why and the ways out (run before training and by the dry run)."""
-    from data.sources import DataError
-    from data.stream import empty_streams, text_readers
-
-    if d.cache:
-        from data.cache import cache_readers
-
-        parts = [("data.cache", files, sizes, cache_readers(d.cache))]
-    elif sources:
-        parts = [(f"data.sources '{src.name}'", src.files, src.sizes,
-                  text_readers(src.files, src.mode, src.text_field, d.max_chunk_bytes, d.encoding_errors))
-                 for src in sources]
-    else:
-        parts = [("data.train_files", files, sizes,
-                  text_readers(files, d.txt_documents, d.text_field, d.max_chunk_bytes, d.encoding_errors))]
-    for key, part_files, part_sizes, readers in parts:
-        if sum(part_sizes) == 0:
-            raise DataError(f"{key}: every file is empty ({', '.join(part_files)})")
-        empty = empty_streams(readers, part_sizes, n)
-        if empty:
-            raise DataError(f"{key}: {len(empty)} of {n} data streams (world_size x data.num_workers) would "
-                            f"get no document: {starved_why(part_files)} (streams {empty[:8]})")
-
-
-def mixture_sources(d) -> list:
-    """data.sources resolved: files, sizes and each source's settings (data/mixture.py)."""
-    from data.mixture import Source
-    from data.sources import file_sizes, resolve_files
-
-    out, base = [], 0
-    for src in d.sources:
-        files = resolve_files(src.files)
-        out.append(Source(src.name, files, file_sizes(files), src.weight, src.txt_documents or d.txt_documents,
-                          src.text_field or d.text_field, base))
-        base += len(files)
-    return out
+from bertlaunch.core import dist
+from bertlaunch.core.checkpoint import step_dir
+from bertlaunch.core.export import export
+from bertlaunch.core.layout import RunDir
+from bertlaunch.core.metrics import arch_of, encoder_flops
+from bertlaunch.core.plan import Plan
+from bertlaunch.core.task import Ending, Resume
+from bertlaunch.data.corpus.compressed import compression_of
+from bertlaunch.data.corpus.reader import file_sizes, resolve_files
+from bertlaunch.data.mlm.batches import MLMDataset, MLMSettings, initial_states, make_loader
+from bertlaunch.data.mlm.mixture import MixtureState, replan_mixture
+from bertlaunch.data.mlm.stream import StreamState, replan
+from bertlaunch.tasks.mlm.config import PretrainConfig
+from bertlaunch.tasks.mlm.corpus import Corpus
 
 
 class MLMTask:
     keeps_best = False  # pretraining keeps the newest checkpoints, not a best one
 
-    def __init__(self, cfg: PretrainConfig, info, spec, hf_config, session: Session):
-        from data.mlm import MLMSettings, initial_states
-        from data.sources import file_sizes, resolve_files
-
+    def __init__(self, cfg: PretrainConfig, info, spec, corpus: Corpus, hf_config, plan: Plan, resume: Resume):
         self.cfg, self.info, self.spec, self.sparse = cfg, info, spec, cfg.model.sparse_mlm_head
+        self.run_dir = RunDir(cfg.output_dir)
         self.arch = arch_of(hf_config)
-        self.total_steps = session.plan.total_steps
+        self.total_steps = plan.total_steps
         self.eval_every = cfg.eval.every
         self.workers = max(cfg.data.num_workers, 1)
-        d = cfg.data
         self.settings = MLMSettings.from_config(cfg)
-        self.sources = None  # a weighted mixture (data.sources): list[data.mixture.Source]
-        if d.cache:  # a token cache from `python -m launch.tools.prepare`: shards play the role of files
-            from data.cache import check_tokenizer, read_meta, shard_names_and_sizes
-
-            check_tokenizer(read_meta(d.cache), spec, d.cache)
-            self.files, self.sizes = shard_names_and_sizes(d.cache)
-        elif d.sources:
-            self.sources = mixture_sources(d)
-            self.files = [f for src in self.sources for f in src.files]
-            self.sizes = [n for src in self.sources for n in src.sizes]
-        else:
-            self.files = resolve_files(d.train_files)
-            self.sizes = file_sizes(self.files)
-        saved = session.saved
+        self.files, self.sizes = corpus.files, corpus.sizes
+        self.sources = corpus.sources  # a weighted mixture (data.sources): list[data.mlm.mixture.Source]
         r, w = info.rank, self.workers
-        check_streams(d, self.files, self.sizes, self.sources, info.world_size * w)
-        if saved is None:
+        if resume.saved is None:
             states, self.rotation = initial_states(r, info.world_size, w, self.sources), 0
         else:
-            self._check_same_data(saved, session.resume_from)
-            all_states = saved["streams"]
-            if session.resized:  # another world size / worker count: re-split the unread rest
+            all_states = resume.saved["streams"]
+            if resume.resplit:  # another world size / worker count: re-split the unread rest
                 all_states, self.rotation = self._replan(all_states, info.world_size * w), 0
             else:
-                self.rotation = saved["rotation"]
+                self.rotation = resume.saved["rotation"]
             states = all_states[r * w:(r + 1) * w]
         self.states = list(states)
         self.phase, self.loader = None, None  # set_phase builds the loader before the first batch
@@ -114,34 +54,17 @@ class MLMTask:
         self.replaced = 0
         self.dropped = 0  # tokens of epoch tails dropped by data.last_block=drop (this rank)
         self.audit_file = None
-        if d.audit:
-            (Path(cfg.output_dir) / "audit").mkdir(parents=True, exist_ok=True)
-            self.audit_file = open(Path(cfg.output_dir) / "audit" / f"rank_{r:05d}.jsonl", "a", buffering=1)
+        if cfg.data.audit:
+            self.run_dir.audit.mkdir(parents=True, exist_ok=True)
+            self.audit_file = open(self.run_dir.audit / f"rank_{r:05d}.jsonl", "a", buffering=1)
             # one id per attempt, the same on all ranks: later attempts (resumes) supersede earlier ones
             self.attempt = dist.all_gather_object(time.time())[0]
         self.eval_batches = None
         self.device = dist.device()
 
-    def _check_same_data(self, saved: dict, resume_from) -> None:
-        mix = [[src.name, src.weight] for src in self.sources] if self.sources else None
-        changed = []
-        if saved["files"] != self.files or saved["sizes"] != self.sizes:
-            changed.append("the files or their sizes differ")
-        if saved.get("mixture") != mix:
-            changed.append(f"the sources or weights differ ({saved.get('mixture')} then, {mix} now)")
-        if changed:
-            key = "data.sources" if self.sources or saved.get("mixture") else "data.train_files"
-            raise configlib.ConfigError([f"{key} changed since {resume_from}: {'; '.join(changed)}, so the "
-                                         "saved positions are meaningless; restore them or start a new output_dir"])
-
     def _replan(self, all_states: list[dict], n: int) -> list[dict]:
         """The saved streams' unread rest over n streams; a started compressed file stays with one stream."""
-        from data.compressed import compression_of
-        from data.stream import StreamState, replan
-
         if self.sources:
-            from data.mixture import MixtureState, replan_mixture
-
             units = {src.name: frozenset(i for i, f in enumerate(src.files) if compression_of(f))
                      for src in self.sources}
             new = replan_mixture([MixtureState.from_dict(s) for s in all_states], self.sources, n, units)
@@ -155,10 +78,6 @@ class MLMTask:
         """Blocks of the phase's length and micro-batches of its size from the consumed position on: the
         same as a resume at this step with the phase's settings, so a run that crosses a phase boundary
         and one resumed after it read the same tokens."""
-        from dataclasses import replace
-
-        from data.mlm import MLMDataset, make_loader
-
         self.phase = phase
         self.settings = replace(self.settings, block_size=phase.block_size, micro_batch_size=phase.micro)
         self.rotation, self.batches_seen = (self.rotation + self.batches_seen) % self.workers, 0
@@ -282,9 +201,6 @@ class MLMTask:
         return self.eval_batches
 
     def _eval_batches(self, patterns: list[str], mode: str, text_field: str) -> list:
-        from data.mlm import MLMDataset, MLMSettings, initial_states
-        from data.sources import file_sizes, resolve_files
-
         files = resolve_files(patterns)
         eval_settings = MLMSettings.from_config(self.cfg, audit=False, mode=mode, text_field=text_field,
                                                 micro_batch_size=self.cfg.eval.micro_batch_size
@@ -305,15 +221,12 @@ class MLMTask:
             state.best_metric, state.best_step = result["eval_loss"], state.step
         return better
 
-    def finish(self, trainer) -> None:
+    def finish(self, end: Ending) -> None:
         """output_dir/final: the last checkpoint exported to Hugging Face format by rank 0, alone (no
         collective follows: the other ranks are done and do not wait for it)."""
         if self.audit_file is not None:
             self.audit_file.close()
-        ckpt = step_dir(trainer.saver.root, trainer.state.step)
+        ckpt = step_dir(end.checkpoints, end.state.step)
         if self.info.is_main and ckpt.is_dir():
-            from launch.tools.export import export
-
-            export(ckpt, Path(self.cfg.output_dir) / "final")
-            trainer.metrics.info(f"final model: {Path(self.cfg.output_dir) / 'final'}")
-
+            export(ckpt, self.run_dir.final)
+            end.log(f"final model: {self.run_dir.final}")

@@ -1,10 +1,5 @@
-"""Corpus files -> documents -> pieces, read from byte ranges without loading the corpus.
-
-Sharding rule (exactly-once by construction): all files are laid end to end in one virtual byte space
-and cut into N equal contiguous ranges, one per (rank, dataloader worker) stream. A document belongs to
-the range that holds its first byte; a stream reads the documents that start in its range (finishing
-the last one past the range end) and skips the tail of one that started before it. So every document
-is read by exactly one stream, however the file count compares to N.
+"""Corpus files -> documents -> pieces, read from the byte ranges (data/corpus/shards.py) streams own, without
+loading the corpus: resolving paths and globs, file sizes, and the text / JSON-lines reader.
 
 A long line is read in pieces of at most `max_chunk_bytes`, cut at whitespace, so a 50 MB line streams
 through tokenizer and packer without being held whole. Each piece records its file byte offset: a
@@ -14,26 +9,19 @@ stream's position is (file, piece offset, tokens of that piece already used), so
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-import numpy as np
-
-from data.compressed import COMPRESSIONS, CorruptError, compression_of, inner_name, open_bytes
-from data.parquet import ParquetReader, is_parquet
-from data.storage import StorageError, expand, size
+from bertlaunch.data.corpus.compressed import COMPRESSIONS, CorruptError, compression_of, inner_name, open_bytes
+from bertlaunch.data.corpus.embedded import resolve_embedded
+from bertlaunch.data.corpus.parquet import ParquetReader, is_parquet
+from bertlaunch.data.corpus.shards import DataError, Piece, Segment
+from bertlaunch.data.corpus.storage import StorageError, expand, size
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file, position and the fix."""
-
-
 def resolve_files(patterns: list[str]) -> list[str]:
     """Expand paths/globs in order (sorted within a glob), dropping duplicates; error on no match."""
-    from data.embedded import resolve_embedded
-
     out: list[str] = []
     for pattern in patterns:
         if pattern.startswith("embedded:"):
@@ -55,73 +43,14 @@ def resolve_files(patterns: list[str]) -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Part of one file owned by a stream: documents starting in [lo, hi).
-
-    `resume` = (tokens_to_skip, piece_is_doc_start, doc_offset) means `lo` is the exact start of a
-    piece to re-read (mid-document is allowed): a saved stream position."""
-
-    file: int
-    lo: int
-    hi: int
-    resume: tuple[int, bool, int] | None = None
-
-    def to_list(self):
-        return [self.file, self.lo, self.hi, list(self.resume) if self.resume else None]
-
-    @staticmethod
-    def from_list(v) -> Segment:
-        return Segment(int(v[0]), int(v[1]), int(v[2]), tuple(v[3]) if v[3] is not None else None)
-
-
-def split_ranges(ranges: list[Segment], n: int) -> list[list[Segment]]:
-    """Cut a list of segments (in order) into n contiguous parts of (nearly) equal byte counts."""
-    total = sum(max(0, s.hi - s.lo) for s in ranges)
-    bounds = [total * i // n for i in range(n + 1)]
-    parts: list[list[Segment]] = [[] for _ in range(n)]
-    base = 0
-    for seg in ranges:
-        size = max(0, seg.hi - seg.lo)
-        if size == 0:  # only the rest of a started document: keep it with the part holding its byte
-            if seg.resume is not None:
-                i = max(j for j in range(n) if bounds[j] <= base)
-                parts[i].append(Segment(seg.file, seg.lo, seg.lo, seg.resume))
-            continue
-        for i in range(n):
-            lo, hi = max(bounds[i], base), min(bounds[i + 1], base + size)
-            if lo < hi:
-                resume = seg.resume if lo == base else None  # the saved piece stays with its byte
-                parts[i].append(Segment(seg.file, seg.lo + lo - base, seg.lo + hi - base, resume))
-        base += size
-    return parts
-
-
-def partition(sizes: list[int], n: int) -> list[list[Segment]]:
-    """The fresh-epoch split of all files into n streams."""
-    return split_ranges([Segment(i, 0, s) for i, s in enumerate(sizes)], n)
-
-
-@dataclass
-class Piece:
-    offset: int  # file byte offset of the piece's first byte (token offset in a token cache)
-    doc_offset: int  # file byte offset of the document's first piece
-    text: str | None
-    doc_start: bool  # first piece of a document ([CLS] goes before it)
-    doc_end: bool  # last piece of a document ([SEP] goes after it)
-    next_offset: int  # byte offset just past the piece (and its line break)
-    tokens: np.ndarray | None = None  # token-cache pieces: ready tokens instead of text
-    n_docs: int | None = None  # token-cache pieces: documents starting inside the piece
-
-
 class PieceReader:
     """Reads one file's pieces for a Segment. Blank-line docs, line docs, or jsonl records.
 
-    A compressed file (data/compressed.py) is read as its decompressed bytes. With `whole_compressed`
+    A compressed file (data/corpus/compressed.py) is read as its decompressed bytes. With `whole_compressed`
     (training: segments are in compressed bytes) it is one unit: the fresh segment that holds its middle
     byte reads all of it (the middle, not the first byte, so that files of similar size spread evenly over
     as many streams), the others read nothing, and a resumed segment reads on from its saved (decompressed)
-    offset; data/stream.py keeps a started unit in one piece when it re-splits. Without it (the token cache
+    offset; data/mlm/stream.py keeps a started unit in one piece when it re-splits. Without it (the token cache
     build) segments are decompressed byte ranges."""
 
     def __init__(self, path: str, mode: str, text_field: str, max_chunk_bytes: int, errors: str,
@@ -310,3 +239,10 @@ def file_sizes(files: list[str]) -> list[int]:
         return [ParquetReader(p, None).virtual_size if is_parquet(p) else size(p) for p in files]
     except StorageError as e:
         raise DataError(str(e)) from None
+
+
+def text_readers(files: list[str], mode: str, text_field: str, max_chunk_bytes: int, errors: str,
+                 whole_compressed: bool = True) -> list:
+    """One reader per file: Parquet rows, or text / JSON lines (plain or compressed)."""
+    return [ParquetReader(p, text_field) if is_parquet(p) else
+            PieceReader(p, mode, text_field, max_chunk_bytes, errors, whole_compressed) for p in files]

@@ -1,7 +1,7 @@
-"""Build a token cache once, in parallel (the CLI is `python -m launch.tools.prepare`).
+"""Build a token cache once, in parallel (the CLI is `bertlaunch prepare`).
 
 Tokenizes the corpus with one process per core and writes memory-mapped shards that training reads with
-data.cache=DIR (see data/cache.py). meta.json is written last: an interrupted build is never mistaken
+data.cache=DIR (see data/mlm/cache.py). meta.json is written last: an interrupted build is never mistaken
 for a complete one.
 
 How the corpus is cut into shards depends only on its contents, not on how it is stored:
@@ -16,7 +16,6 @@ file is still decompressed up to there, but not tokenized).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -25,22 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from data.cache import META
-from data.compressed import compression_of, decompressed_size, inner_name, open_bytes
-from data.parquet import ParquetReader, is_parquet
-from data.sources import JSONL_SUFFIXES, Segment, file_sizes, partition, resolve_files
-from data.storage import settings
-
-
-def file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+from bertlaunch.data.corpus.compressed import compression_of, decompressed_size, inner_name, open_bytes
+from bertlaunch.data.corpus.parquet import ParquetReader, is_parquet
+from bertlaunch.data.corpus.reader import JSONL_SUFFIXES, file_sizes, resolve_files
+from bertlaunch.data.corpus.shards import Segment, partition
+from bertlaunch.data.corpus.storage import settings
+from bertlaunch.data.mlm.cache import META, file_sha256
 
 
 def _build_shard(job) -> tuple[int, int, int]:
     """Tokenize one range of the corpus into shard files; returns (index, tokens, documents)."""
     index, segs, files, spec, opts, out, storage_settings = job
-    from data.storage import configure
-    from data.stream import StreamState, TextStream, text_readers
+    from bertlaunch.data.corpus.reader import text_readers
+    from bertlaunch.data.corpus.storage import configure
+    from bertlaunch.data.mlm.stream import StreamState, TextStream
 
     configure(*storage_settings)  # a spawned worker: the parent's storage options and retry policy
     if opts["records"]:  # segments in records (lines / rows): to the readers' byte (or virtual) offsets
@@ -68,7 +65,7 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
     """Tokenize `files` into a token cache at `out`. Text corpora get about shard_bytes of (decompressed) text
     per shard, record corpora (.jsonl/.parquet) shard_records records per shard; never fewer shards than
     workers."""
-    from data.tokenize import load_spec
+    from bertlaunch.data.tokenize import load_spec
 
     files = resolve_files(files)
     records = all(is_parquet(f) or inner_name(f).endswith(JSONL_SUFFIXES) for f in files)

@@ -1,7 +1,7 @@
 """A fine-tuning task's tables, loaded and tokenized: train (labels required), eval, test (labels optional).
 
-Reads local tables (data/tasks.py) or a `datasets` hub split, checks the columns, infers the label space
-from the training table, and encodes every table with the model's tokenizer (data/pairs.py).
+Reads local tables (data/tables/read.py) or a `datasets` hub split, checks the columns, infers the label space
+from the training table, and encodes every table with the model's tokenizer (data/tables/pairs.py).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Protocol
 
 import numpy as np
 
-from data.pairs import Encoded, encode_pairs
-from data.tasks import LabelSpace, Rows, infer_labels, read_rows, require_columns, texts
+from bertlaunch.data.tables.pairs import Encoded, encode_pairs
+from bertlaunch.data.tables.read import LabelSpace, Rows, infer_labels, read_rows, require_columns, texts
 
 
 class TableSource(Protocol):

@@ -2,9 +2,9 @@
 
 A compressed file cannot be cut into byte ranges, so for training it is a unit of sharding: the stream
 whose range holds the file's first byte reads all of it (as if it were one long document) and the other
-streams read none of it (data/sources.py). Positions inside it are offsets in the decompressed bytes; a
+streams read none of it (data/corpus/reader.py). Positions inside it are offsets in the decompressed bytes; a
 resume decompresses from the start and skips to the saved offset, without tokenizing on the way.
-`python -m launch.tools.prepare` instead splits the decompressed bytes evenly (every worker skips to its
+`bertlaunch prepare` instead splits the decompressed bytes evenly (every worker skips to its
 part), so a token cache of X.jsonl.gz has the same shards as one of X.jsonl.
 """
 
@@ -15,7 +15,7 @@ import gzip
 import lzma
 import zlib
 
-from data.storage import open_binary
+from bertlaunch.data.corpus.storage import open_binary
 
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
 READ_SIZE = 1 << 16

@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data.sources import DataError
+from bertlaunch.data.corpus.shards import DataError
 
 csv.field_size_limit(1 << 30)
 

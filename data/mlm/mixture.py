@@ -20,7 +20,8 @@ import bisect
 import copy
 from dataclasses import dataclass, field
 
-from data.stream import Block, StreamState, TextStream, replan, text_readers
+from bertlaunch.data.corpus.reader import text_readers
+from bertlaunch.data.mlm.stream import Block, StreamState, TextStream, replan
 
 _GOLDEN = 0x9E3779B97F4A7C15  # 2^64 / phi, odd: k * G mod 2^64 is a Weyl sequence over 64-bit integers
 _MASK = (1 << 64) - 1

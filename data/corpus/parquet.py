@@ -12,7 +12,8 @@ from __future__ import annotations
 import difflib
 import math
 
-from data.storage import StorageError, open_binary, size
+from bertlaunch.data.corpus.shards import DataError, Piece
+from bertlaunch.data.corpus.storage import StorageError, open_binary, size
 
 
 def is_parquet(path: str) -> bool:
@@ -25,8 +26,6 @@ class ParquetReader:
     def __init__(self, path: str, text_field: str | None):
         """text_field None: only the layout (rows, virtual size), no column check."""
         import pyarrow.parquet as pq
-
-        from data.sources import DataError
 
         self.path, self.text_field = path, text_field
         try:
@@ -69,8 +68,6 @@ class ParquetReader:
             yield from self._rows(pq.ParquetFile(fh), first, last, b)
 
     def _rows(self, f, first: int, last: int, b: int):
-        from data.sources import Piece
-
         for g in range(self.meta.num_row_groups):
             lo, hi = max(first, self.starts[g]), min(last, self.starts[g + 1])
             if lo >= hi:

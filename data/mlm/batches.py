@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data.mask import block_keys, mask_tokens_rows
-from data.mixture import MixtureState, MixtureStream, Source
-from data.stream import Block, StreamState, TextStream, text_readers
+from bertlaunch.data.corpus.reader import text_readers
+from bertlaunch.data.mlm.mask import block_keys, mask_tokens_rows
+from bertlaunch.data.mlm.mixture import MixtureState, MixtureStream, Source
+from bertlaunch.data.mlm.stream import Block, StreamState, TextStream
 
 
 @dataclass
@@ -94,7 +95,7 @@ class MLMDataset(IterableDataset):
     def __init__(self, files, sizes, spec, settings: MLMSettings, states: list[dict], rotation: int = 0,
                  finite: bool = False, cache: str | None = None, sources: list[Source] | None = None):
         """files/sizes: the text corpus (bytes), or with `cache`: the token cache's shards (tokens), or with
-        `sources`: a weighted mixture (data/mixture.py; files/sizes unused, states are MixtureStates)."""
+        `sources`: a weighted mixture (data/mlm/mixture.py; files/sizes unused, states are MixtureStates)."""
         super().__init__()
         self.files, self.sizes, self.spec, self.s, self.cache = files, sizes, spec, settings, cache
         self.sources = sources
@@ -107,7 +108,7 @@ class MLMDataset(IterableDataset):
                                  state=MixtureState.from_dict(state), seed=s.seed, max_chunk_bytes=s.max_chunk_bytes,
                                  errors=s.encoding_errors, audit=s.audit)
         if self.cache is not None:
-            from data.cache import cache_readers
+            from bertlaunch.data.mlm.cache import cache_readers
 
             readers = cache_readers(self.cache)
         else:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data.pack import Packer, PieceTokens
-from data.sources import DataError, PieceReader, Segment, partition, split_ranges
-from data.tokenize import flatten
+from bertlaunch.data.corpus.shards import DataError, Segment, partition, split_ranges
+from bertlaunch.data.mlm.pack import Packer, PieceTokens
+from bertlaunch.data.tokenize import flatten
 
 READ_BATCH_BYTES = 1 << 16  # text tokenized per call: large enough to amortise the call, small enough to stream
 
@@ -121,14 +121,6 @@ def empty_streams(readers: list, sizes: list[int], n: int) -> list[int]:
     return empty
 
 
-def text_readers(files: list[str], mode: str, text_field: str, max_chunk_bytes: int, errors: str,
-                 whole_compressed: bool = True):
-    from data.parquet import ParquetReader, is_parquet
-
-    return [ParquetReader(p, text_field) if is_parquet(p) else
-            PieceReader(p, mode, text_field, max_chunk_bytes, errors, whole_compressed) for p in files]
-
-
 class TextStream:
     """Blocks of one stream, forever (or one epoch when `finite`). `readers[i]` reads file i's pieces: text
     to tokenize (data.sources.PieceReader) or ready tokens (data.cache.CacheReader)."""
@@ -136,7 +128,7 @@ class TextStream:
     def __init__(self, readers: list, sizes: list[int], spec, *, block_size: int, last_block: str,
                  state: StreamState, finite: bool = False, audit: bool = False, file_base: int = 0):
         """file_base: added to file indexes in block positions and document ids, so that the sources of a
-        mixture (data/mixture.py), each with its own files 0..n-1, give distinct mask keys and ids."""
+        mixture (data/mlm/mixture.py), each with its own files 0..n-1, give distinct mask keys and ids."""
         self.readers, self.sizes, self.spec, self.base = readers, sizes, spec, file_base
         self.block_size, self.last_block = block_size, last_block
         self.state, self.finite, self.audit = copy.deepcopy(state), finite, audit

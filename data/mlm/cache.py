@@ -1,12 +1,12 @@
 """Pre-tokenized token cache: memory-mapped shards of token ids + a document index.
 
-Layout of a cache folder (written by `python -m launch.tools.prepare`):
+Layout of a cache folder (written by `bertlaunch prepare`):
   shard_00000.bin        token ids of consecutive documents, each as [CLS] ... [SEP] (uint16 or uint32)
   shard_00000.docs.npy   int64[n_docs + 1]: token offset of every document start, then the shard length
   meta.json              written last (the commit marker): tokenizer, dtype, shards, source files
 
 Concatenating the shards in order gives exactly the token stream that text streaming produces for
-the same files with one stream. Training reads a cache with the same machinery as text (data/stream.py):
+the same files with one stream. Training reads a cache with the same machinery as text (data/mlm/stream.py):
 a shard plays the role of a file and token offsets the role of byte offsets, so sharding over ranks and
 workers, packing with carried remainders, masking and exact resume are the same code. Each piece is a
 run of whole documents (about CHUNK tokens) sliced straight from the memory map: no tokenizing, no copies
@@ -15,13 +15,14 @@ beyond the block being cut.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from data.sources import DataError, Piece, Segment
+from bertlaunch.data.corpus.shards import DataError, Piece, Segment
 
 CHUNK = 1 << 15  # tokens per piece (rounded up to the next document start)
 META = "meta.json"
@@ -31,18 +32,20 @@ def read_meta(cache_dir: str) -> dict:
     path = Path(cache_dir) / META
     if not path.is_file():
         raise DataError(f"data.cache: no {META} in '{cache_dir}' (not a token cache, or its preparation did not "
-                        "finish); build it with: python -m launch.tools.prepare --config YOUR.yaml --out DIR")
+                        "finish); build it with: bertlaunch prepare --config YOUR.yaml --out DIR")
     return json.loads(path.read_text())
 
 
-def check_tokenizer(meta: dict, spec, cache_dir: str) -> None:
-    from data.prepare import file_sha256
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
+
+def check_tokenizer(meta: dict, spec, cache_dir: str) -> None:
     have = meta["tokenizer"]
     if have["vocab_size"] != spec.vocab_size or have["sha256"] != file_sha256(spec.path):
         raise DataError(f"data.cache '{cache_dir}' was built with another tokenizer ({have['path']}, vocab "
                         f"{have['vocab_size']}) than this run's ({spec.path}, vocab {spec.vocab_size}); rebuild "
-                        "it with python -m launch.tools.prepare, or set `tokenizer` to the cache's tokenizer")
+                        "it with bertlaunch prepare, or set `tokenizer` to the cache's tokenizer")
 
 
 def shard_names_and_sizes(cache_dir: str) -> tuple[list[str], list[int]]:

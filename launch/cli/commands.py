@@ -1,0 +1,48 @@
+"""The training commands: pretrain, finetune and glue (launch/pretrain.py, ..., and `bertlaunch <command>`)."""
+
+from __future__ import annotations
+
+from bertlaunch.cli.entry import Command, entry
+from bertlaunch.core.assemble import assemble
+from bertlaunch.core.preflight import Preflight
+from bertlaunch.core.task import TaskSpec
+from bertlaunch.tasks.classify.config import FinetuneConfig
+from bertlaunch.tasks.classify.spec import FINETUNE
+from bertlaunch.tasks.glue import run as glue_run
+from bertlaunch.tasks.glue.config import GlueConfig
+from bertlaunch.tasks.mlm.config import PretrainConfig
+from bertlaunch.tasks.mlm.spec import PRETRAIN
+
+
+def train_with(spec: TaskSpec):
+    """A run of one task: assemble it, train it."""
+    return lambda cfg, info: assemble(spec, cfg, info).fit()
+
+
+def dry_run_with(spec: TaskSpec):
+    """The same assembly with a Preflight: printed, every problem listed, nothing trained."""
+    def dry_run(cfg, info) -> int:
+        dry = Preflight()
+        assemble(spec, cfg, info, dry)
+        return dry.finish()
+    return dry_run
+
+
+PRETRAIN_COMMAND = Command("launch/pretrain.py", "MLM pretraining of BERT-style encoders under DeepSpeed.",
+                           PretrainConfig, train_with(PRETRAIN), dry_run_with(PRETRAIN))
+FINETUNE_COMMAND = Command("launch/finetune.py", "Fine-tune a BERT-style encoder on a sentence(-pair) task.",
+                           FinetuneConfig, train_with(FINETUNE), dry_run_with(FINETUNE))
+GLUE_COMMAND = Command("launch/glue.py", "Fine-tune and score a BERT-style encoder on the GLUE benchmark.",
+                       GlueConfig, glue_run.run, glue_run.dry_run)
+
+
+def pretrain(argv: list[str] | None = None) -> int:
+    return entry(argv, PRETRAIN_COMMAND)
+
+
+def finetune(argv: list[str] | None = None) -> int:
+    return entry(argv, FINETUNE_COMMAND)
+
+
+def glue(argv: list[str] | None = None) -> int:
+    return entry(argv, GLUE_COMMAND)
