@@ -9,6 +9,8 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
+import tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bertlaunch.data.corpus.embedded import resolve_tokenizer
 
@@ -28,8 +30,6 @@ class TokenizerSpec:
 
     @cached_property
     def backend(self):
-        import tokenizers
-
         tok = tokenizers.Tokenizer.from_file(self.path)
         tok.no_truncation()  # packing needs whole documents; some tokenizer.json files ship truncation on
         tok.no_padding()
@@ -75,8 +75,6 @@ def find_tokenizer_json(name: str) -> Path:
 
 def load_spec(name: str) -> TokenizerSpec:
     path = find_tokenizer_json(name)
-    import tokenizers
-
     tok = tokenizers.Tokenizer.from_file(str(path))
     vocab = tok.get_vocab()
     cfg_file = path.parent / "tokenizer_config.json"
@@ -107,8 +105,6 @@ def _added_special(tok) -> list[int]:
 
 def load_hf_tokenizer(name: str):
     """transformers fast tokenizer (for saving next to the model and for fine-tuning pairs)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     path = Path(resolve_tokenizer(name))
     if path.is_file():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path), unk_token="[UNK]", sep_token="[SEP]",

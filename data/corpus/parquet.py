@@ -25,7 +25,7 @@ class ParquetReader:
 
     def __init__(self, path: str, text_field: str | None):
         """text_field None: only the layout (rows, virtual size), no column check."""
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: ~0.3 s to import, only for Parquet corpora
 
         self.path, self.text_field = path, text_field
         try:
@@ -57,7 +57,7 @@ class ParquetReader:
         return self.rows * self.per_row
 
     def pieces(self, seg):
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: ~0.3 s to import, only for Parquet corpora
 
         b = self.per_row
         first = seg.lo // b if seg.resume is not None else -(-seg.lo // b)  # a resume points at its row

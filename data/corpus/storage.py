@@ -61,7 +61,7 @@ def is_remote(path: str) -> bool:
 
 
 def _fs(url: str):
-    import fsspec
+    import fsspec  # lazy: only for remote URLs (s3fs, gcsfs, ... load with it)
 
     try:
         return fsspec.core.url_to_fs(url, **_SETTINGS.options)

@@ -8,6 +8,7 @@ so after resuming at batch k the rotation k % W makes the stream order continue 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import functools
 import os
 import signal
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bertlaunch.data.corpus.reader import text_readers
+from bertlaunch.data.mlm.cache import cache_readers
 from bertlaunch.data.mlm.mask import block_keys, mask_tokens_rows
 from bertlaunch.data.mlm.mixture import MixtureState, MixtureStream, Source
 from bertlaunch.data.mlm.stream import Block, StreamState, TextStream
@@ -108,8 +110,6 @@ class MLMDataset(IterableDataset):
                                  state=MixtureState.from_dict(state), seed=s.seed, max_chunk_bytes=s.max_chunk_bytes,
                                  errors=s.encoding_errors, audit=s.audit)
         if self.cache is not None:
-            from bertlaunch.data.mlm.cache import cache_readers
-
             readers = cache_readers(self.cache)
         else:
             readers = text_readers(self.files, s.mode, s.text_field, s.max_chunk_bytes, s.encoding_errors)
@@ -235,8 +235,6 @@ def ignore_stop_signals(_worker_id: int, parent: int | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     if sys.platform == "linux" and parent is not None:
-        import ctypes
-
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)

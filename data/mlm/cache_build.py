@@ -26,19 +26,17 @@ import numpy as np
 
 from bertlaunch.data.corpus.compressed import compression_of, decompressed_size, inner_name, open_bytes
 from bertlaunch.data.corpus.parquet import ParquetReader, is_parquet
-from bertlaunch.data.corpus.reader import JSONL_SUFFIXES, file_sizes, resolve_files
+from bertlaunch.data.corpus.reader import JSONL_SUFFIXES, file_sizes, resolve_files, text_readers
 from bertlaunch.data.corpus.shards import Segment, partition
-from bertlaunch.data.corpus.storage import settings
+from bertlaunch.data.corpus.storage import configure, settings
 from bertlaunch.data.mlm.cache import META, file_sha256
+from bertlaunch.data.mlm.stream import StreamState, TextStream
+from bertlaunch.data.tokenize import load_spec
 
 
 def _build_shard(job) -> tuple[int, int, int]:
     """Tokenize one range of the corpus into shard files; returns (index, tokens, documents)."""
     index, segs, files, spec, opts, out, storage_settings = job
-    from bertlaunch.data.corpus.reader import text_readers
-    from bertlaunch.data.corpus.storage import configure
-    from bertlaunch.data.mlm.stream import StreamState, TextStream
-
     configure(*storage_settings)  # a spawned worker: the parent's storage options and retry policy
     if opts["records"]:  # segments in records (lines / rows): to the readers' byte (or virtual) offsets
         segs = [_record_segment(files[seg.file], seg, opts["line_starts"][seg.file]) for seg in segs]
@@ -65,8 +63,6 @@ def prepare(files: list[str], tokenizer: str, out: str, *, mode: str = "blank_li
     """Tokenize `files` into a token cache at `out`. Text corpora get about shard_bytes of (decompressed) text
     per shard, record corpora (.jsonl/.parquet) shard_records records per shard; never fewer shards than
     workers."""
-    from bertlaunch.data.tokenize import load_spec
-
     files = resolve_files(files)
     records = all(is_parquet(f) or inner_name(f).endswith(JSONL_SUFFIXES) for f in files)
     line_starts: list[list[int] | None] = [None] * len(files)

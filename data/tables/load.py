@@ -64,7 +64,7 @@ class TaskData:
 def hub_rows(t: TableSource, split: str) -> Rows:
     config, split = split.split(":", 1) if ":" in split else (t.dataset_config, split)  # "ax:test": another config
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # lazy: a heavy import, only for task.dataset (the hub)
 
         ds = load_dataset(t.dataset, config, split=split)
     except Exception as e:

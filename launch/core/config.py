@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from bertlaunch.data.corpus.embedded import MODEL_ALIASES
 from bertlaunch.model.build import PRESETS
-from bertlaunch.model.packaged import MODEL_ALIASES
 
 
 @dataclass

@@ -7,8 +7,11 @@ Validation never relies on `assert`, so it also holds under `python -O`.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
+import inspect
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -30,10 +33,6 @@ class ConfigError(ValueError):
 
 def field_docs(cls) -> dict[str, str]:
     """Field docstrings: the string literal that follows each field in the class body."""
-    import ast
-    import inspect
-    import textwrap
-
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):

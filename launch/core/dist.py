@@ -11,12 +11,16 @@ and then exports the standard variables so DeepSpeed / torch.distributed see one
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+
+import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -123,14 +127,10 @@ def standalone_env(gpu: int | None = None) -> dict[str, str]:
 
 
 def gpu_count() -> int:
-    import torch
-
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def has_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -154,8 +154,8 @@ def init(timeout_s: int = 600) -> DistInfo:
     which names the rank that hung, always speaks first; the collective timeout is only the backstop."""
     info = detect()
     prepare_env(info)
-    import deepspeed
-    import torch
+    import deepspeed  # lazy: DeepSpeed picks its accelerator at import, from DS_ACCELERATOR set just above
+    import deepspeed.ops  # lazy: as deepspeed
 
     if has_cuda():
         torch.cuda.set_device(info.local_rank)
@@ -166,8 +166,6 @@ def init(timeout_s: int = 600) -> DistInfo:
         # DeepSpeed's CPU shared-memory all-reduce serves tensor-parallel inference only, JIT-compiles on the
         # first run (~1 min) and leaves a 66 MB /dev/shm segment per rank per run that it never unlinks
         # (hundreds of runs fill /dev/shm and memory): training does not use it, so it is not started.
-        import deepspeed.ops
-
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     backend = "nccl" if has_cuda() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
@@ -176,21 +174,15 @@ def init(timeout_s: int = 600) -> DistInfo:
 
 
 def device():
-    import torch
-
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
 
 
 def barrier() -> None:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()
 
 
 def all_gather_object(obj) -> list:
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
@@ -206,8 +198,6 @@ def _control_group():
     a NCCL collective, and an operation left in flight (all_reduce_async) never interleaves with the
     training's collectives on the world group."""
     global _CONTROL
-    import torch.distributed as dist
-
     if _CONTROL is None:
         _CONTROL = dist.new_group(backend="gloo")
     return _CONTROL
@@ -236,9 +226,6 @@ class Reduced:
 def all_reduce_async(values: list[float], op: str = "max") -> Reduced:
     """Start reducing a few host scalars over the control group and return at once: the caller waits on the
     result later (a step later), so no rank blocks on the others between steps."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return Reduced(list(values))
     t = torch.tensor(values, dtype=torch.float64)
@@ -249,9 +236,6 @@ def all_reduce_async(values: list[float], op: str = "max") -> Reduced:
 def all_reduce(values: list[float], op: str = "sum", host: bool = False) -> list[float]:
     """Reduce a few scalars across ranks in one collective. host=True: over gloo on the CPU, so the GPU
     stream is not synchronised (for values that live on the host anyway)."""
-    import torch
-    import torch.distributed as dist
-
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device="cpu" if host else device())
@@ -261,13 +245,9 @@ def all_reduce(values: list[float], op: str = "sum", host: bool = False) -> list
 
 def destroy() -> None:
     global _CONTROL
-    import torch.distributed as dist
-
     _CONTROL = None
     if dist.is_initialized():
-        import gc
-
-        import deepspeed.comm
+        import deepspeed.comm  # lazy: only after init() (see there)
 
         deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups: a later init is clean
         # collect the dead groups now: in a long-lived process (tests) a forked dataloader worker would

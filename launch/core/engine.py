@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from bertlaunch.core.lamb import Lamb
+
 AUTO = "auto"
 
 
@@ -109,7 +111,7 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
     beta^t by multiplication in C++ and recomputes it with pow() after a load: last-bit drift.)
     LAMB is DeepSpeed's fused kernel on GPUs, ours (launch/core/lamb.py) on the CPU. Other optimizer
     types in the JSON are left to DeepSpeed."""
-    import deepspeed
+    import deepspeed  # lazy: DeepSpeed picks its accelerator at import, after dist.init has set it up
 
     ds_config = dict(ds_config)
     opt_cfg = ds_config.get("optimizer", {})
@@ -123,8 +125,6 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
         optimizer = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
                                       weight_decay=weight_decay, fused=True)
     elif kind == "lamb" and not torch.cuda.is_available():  # DeepSpeed's FusedLamb is a CUDA kernel
-        from bertlaunch.core.lamb import Lamb
-
         ds_config.pop("optimizer")
         optimizer = Lamb(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=weight_decay)
         zero = ds_config.setdefault("zero_optimization", {})
@@ -146,7 +146,7 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
 def _keep_fp32_clip_norm(engine) -> None:
     """Without ZeRO / mixed precision DeepSpeed clips with clip_grad_norm_ but drops the norm it
     computes; keep it so get_global_grad_norm() reports it like in the other modes."""
-    from deepspeed.runtime.utils import clip_grad_norm_
+    from deepspeed.runtime.utils import clip_grad_norm_  # lazy: as deepspeed in build_engine
 
     def clip():
         engine._global_grad_norm = clip_grad_norm_(parameters=engine.module.parameters(),

@@ -29,8 +29,8 @@ def gathered_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
     tag_dir = ds_dir / DS_TAG
     optim_files = list(tag_dir.glob("*optim_states.pt"))
     if optim_files and not any(f.name.startswith("bf16_") for f in optim_files):
-        # lazy: deepspeed picks its accelerator when imported, which must follow dist.prepare_env in a run
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        # deepspeed picks its accelerator when imported, which must follow dist.prepare_env in a run
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: see above
 
         try:
             return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from bertlaunch.model.packaged import resolve_model_alias
+from bertlaunch.data.corpus.embedded import resolve_model_alias
 
 CONFIG = "config.yaml"  # the resolved config, secrets redacted
 METRICS = "metrics.jsonl"  # one JSON line per logged step and per evaluation

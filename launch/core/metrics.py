@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from bertlaunch.core.layout import RunDir
@@ -37,8 +38,6 @@ def peak_flops(precision: str, override_tflops: float | None = None) -> float | 
     """Peak FLOP/s of the current device, or None when unknown (CPU without an override)."""
     if override_tflops:
         return override_tflops * 1e12
-    import torch
-
     if not torch.cuda.is_available():
         return None
     name = torch.cuda.get_device_name()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 KINDS = ("linear", "cosine", "constant", "wsd", "inverse_sqrt")
 
 
@@ -72,6 +74,4 @@ class TimedSchedule:
 def lr_scheduler(schedule: Schedule | TimedSchedule):
     """Callable optimizer -> torch LambdaLR following `schedule` (DeepSpeed steps it once per optimizer step;
     its state is the step count, saved and restored with the checkpoint)."""
-    import torch
-
     return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import struct
 import warnings
 from pathlib import Path
 
@@ -140,9 +141,7 @@ def read_history(run_dir) -> list[tuple[str | None, int, dict]]:
     The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each with a 7-byte
     header (crc32c, length, type: 1 full, 2 first, 3 middle, 4 last) holding a protobuf Record. A record
     cut by a kill ends the scan."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2 as pb
+    from wandb.proto import wandb_internal_pb2 as pb  # lazy: wandb is a heavy import, needed with tracking only
 
     rows, run_id = [], None
     for path in sorted(Path(run_dir).glob("run-*.wandb")):

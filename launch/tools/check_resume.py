@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -76,8 +78,6 @@ def kill_when(cmd: list[str], out_dir: Path, step: int, env=None, timeout: int =
 
 def compare(straight: Path, resumed: Path) -> list[str]:
     """Differences between two runs: per-step losses, then every tensor of final/model.safetensors."""
-    from safetensors.torch import load_file
-
     la, lb = losses(straight), losses(resumed)
     problems = [f"step {s}: loss {la[s]!r} straight vs {lb.get(s)!r} resumed" for s in sorted(la)
                 if la[s] != lb.get(s)]

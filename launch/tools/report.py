@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from bertlaunch.tasks.glue.results import glue_runs
+
 PLOTS = [  # file, title, [(metric key, label)], y log-scale
     ("loss.png", "training loss", [("loss", "train")], False),
     ("eval.png", "evaluation", [("eval_loss", "eval loss"), ("perplexity", "perplexity"),
@@ -43,10 +45,10 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot(runs: dict[str, list[dict]], out: Path) -> list[str]:
-    import matplotlib
+    import matplotlib  # lazy: an optional extra (pip install .[report]); report.md is written without it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: after choosing the Agg backend
 
     written = []
     for fname, title, keys, logy in PLOTS:
@@ -108,7 +110,6 @@ def main(argv=None) -> int:
     p.add_argument("runs", nargs="+", help="output_dir of one or more runs")
     p.add_argument("--out", help="where the PNGs and report.md go (default: FIRST_RUN/report)")
     args = p.parse_args(argv)
-    from bertlaunch.tasks.glue.results import glue_runs
 
     paths, head = [], []
     for r in map(Path, args.runs):

@@ -18,7 +18,7 @@ from bertlaunch.core.config import (
 )
 from bertlaunch.core.configlib import REQUIRED
 from bertlaunch.core.plan import PhaseSpec
-from bertlaunch.data.corpus.storage import is_remote
+from bertlaunch.data.corpus.storage import configure, is_remote
 
 
 @dataclass
@@ -80,8 +80,6 @@ class DataConfig:
 
 def use_storage(d: DataConfig) -> None:
     """Hand data.storage_options / io_retries to data/corpus/storage.py for this process (and its forked workers)."""
-    from bertlaunch.data.corpus.storage import configure
-
     configure(d.storage_options, d.io_retries)
 
 

@@ -12,11 +12,10 @@ from bertlaunch.core.dist import DistInfo
 from bertlaunch.core.layout import resolve_model_dir
 from bertlaunch.core.plan import Plan
 from bertlaunch.core.task import Model, Resume
-from bertlaunch.data.corpus.storage import configure
 from bertlaunch.data.tokenize import TokenizerSpec, load_hf_tokenizer, load_spec
 from bertlaunch.model.build import load_mlm
 from bertlaunch.model.mlm import MaskedLM
-from bertlaunch.tasks.mlm.config import PretrainConfig
+from bertlaunch.tasks.mlm.config import PretrainConfig, use_storage
 from bertlaunch.tasks.mlm.corpus import Corpus, check_same_data, check_streams, resolve_corpus
 from bertlaunch.tasks.mlm.describe import describe_corpus
 from bertlaunch.tasks.mlm.task import MLMTask
@@ -41,7 +40,7 @@ class PretrainSpec:
         return Tokenizer(load_spec(cfg.tokenizer), load_hf_tokenizer(cfg.tokenizer))
 
     def data(self, cfg: PretrainConfig, tok: Tokenizer, info: DistInfo) -> Corpus:
-        configure(cfg.data.storage_options, cfg.data.io_retries)  # remote corpora (and forked workers)
+        use_storage(cfg.data)
         corpus = resolve_corpus(cfg.data, tok.spec)
         check_streams(cfg.data, corpus, info.world_size * self.workers(cfg))
         return corpus
