@@ -1,6 +1,8 @@
 """End-to-end pretraining in the single-process debug mode (in-process) and its CLI errors.
 The multi-rank runs are in test_resume.py: each straight run there is also checked like a plain run."""
 
+from pathlib import Path
+
 import torch
 
 from tests.helpers import read_metrics
@@ -54,3 +56,24 @@ def test_cli_reports_config_errors_without_training(tmp_path, tiny_config, inpro
     assert "train.lr: expected a number, got 'abc'" in proc.stderr
     assert "train.micro_batch_size must be >= 1, got 0" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_command_runs_from_a_project_with_its_own_data_and_model_packages(tmp_path, tiny_config, corpus):
+    """A user's project has packages named data/ and model/ first on its path: ours live under bertlaunch.* and
+    are never shadowed. Both ways in are tried: the console command and the entry script."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, env
+
+    project = tmp_path / "project"
+    for name in ("data", "model", "launch"):
+        (project / name).mkdir(parents=True)
+        (project / name / "__init__.py").write_text(f"raise ImportError('the user project\\'s own {name} package')\n")
+    cfg = tiny_config("pretrain", {"data.train_files": [corpus(40)]})
+    bertlaunch = Path(sys.executable).with_name("bertlaunch")
+    for cmd in ([str(bertlaunch), "pretrain"], [sys.executable, str(REPO / "launch" / "pretrain.py")]):
+        proc = subprocess.run(cmd + ["--config", str(cfg), "--dry-run"], cwd=project, capture_output=True, text=True,
+                              env=env(PYTHONPATH=str(project)), timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "dry run OK" in proc.stdout

@@ -102,10 +102,22 @@ class TrainConfig:
     exits with code 4 (collectives themselves time out 30 s later, as a backstop)."""
 
 
+SHIPPED_DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"  # the repository's ds_configs/
+
+
 @dataclass
 class DeepSpeedConfig:
     config: str = "ds_configs/zero2.json"
-    """DeepSpeed JSON; its "auto" fields are filled from this run config."""
+    """DeepSpeed JSON; its "auto" fields are filled from this run config. A path, or one of the shipped
+    ds_configs/ files by name (found from any working directory)."""
+
+    def path(self) -> Path:
+        """The JSON file: `config` as given when it exists, else the shipped file of that name."""
+        given = Path(self.config)
+        shipped = SHIPPED_DS_CONFIGS / given.name
+        if not given.is_file() and given.parent in (Path("."), Path("ds_configs")) and shipped.is_file():
+            return shipped
+        return given
 
 
 @dataclass
@@ -216,7 +228,7 @@ def validate_train(t: TrainConfig) -> list[str]:
 
 
 def validate_deepspeed(ds: DeepSpeedConfig) -> list[str]:
-    if ds.config and not Path(ds.config).is_file():
+    if ds.config and not ds.path().is_file():
         return [f"deepspeed.config: '{ds.config}' does not exist (the shipped ones are in ds_configs/: "
                 "zero0.json, zero1.json, zero2.json, zero3.json, zero2_offload.json)"]
     return []

@@ -101,7 +101,7 @@ def make_plan(cfg, world_size: int, *, hidden_size: int | None = None, examples:
     if warmup_tokens:  # in the first phase's token slots per step
         warmup = math.ceil(warmup_tokens / (first.global_batch * first.block_size))
     precision = resolve_precision(t.precision)
-    ds, more = fill_ds_config(load_ds_json(cfg.deepspeed.config), micro=first.micro, accum=first.accum,
+    ds, more = fill_ds_config(load_ds_json(str(cfg.deepspeed.path())), micro=first.micro, accum=first.accum,
                               world=world_size, precision=precision, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,
                               weight_decay=t.weight_decay, grad_clip=t.grad_clip, optimizer=t.optimizer,
                               source=f"deepspeed.config {cfg.deepspeed.config}")
