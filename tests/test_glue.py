@@ -7,15 +7,17 @@ import csv
 import json
 import signal
 import zipfile
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from bertlaunch.core.checkpoint import list_checkpoints, verify
 from bertlaunch.data.tables.glue import TASKS, lookup, unknown_task_message
 from bertlaunch.tasks.classify.scores import matthews
 from bertlaunch.tools.report import main as report_main
 from bertlaunch.tools.summary import main as summary_main
-from tests.helpers import Job, losses, read_metrics, write_glue
+from tests.helpers import Job, compare, write_glue
 
 SUITE = {"glue.tasks": ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"], "glue.seeds": [1, 2], "glue.from_mnli": ["RTE"],
          "checkpoint.every": 2, "glue.max_train_examples": 40, "glue.overrides": {"cola": {"train": {"lr": 3e-3}}}}
@@ -70,74 +72,108 @@ def expected_score(out, task, seed, metrics):
     return [100 * best[f"eval_{m}"] for m in metrics]
 
 
-def test_suite_results_submission_and_exact_resume(tmp_path, tiny_config, inproc, capfd):
-    root = write_glue(tmp_path / "glue_data", ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"])
-    wnli = root / "WNLI" / "train.tsv"  # a changed column layout: this task fails, the others still run
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    """One suite, run once for the tests below: CoLA, STS-B, MNLI, RTE (from MNLI's model) and WNLI, 2 seeds,
+    in this process; WNLI's training table has a changed column layout, so its runs fail."""
+    from bertlaunch.cli.commands import glue
+    from tests.conftest import build_config
+
+    tmp = tmp_path_factory.mktemp("suite")
+    root = write_glue(tmp / "glue_data", ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"])
+    wnli = root / "WNLI" / "train.tsv"
     wnli.write_text(wnli.read_text().replace("sentence2", "hypothesis", 1))
-    cfg = tiny_config("glue", {"glue.data_dir": root, **SUITE})
-    out = tmp_path / "out"
-    r = inproc("glue", cfg, check=False)
-    assert r.returncode == 2, r.stderr[-3000:]
-    res = json.loads((out / "glue_results.json").read_text())
-    assert set(res["tasks"]) == {"MNLI", "CoLA", "STS-B", "RTE", "WNLI"}
+    cfg = build_config(tmp, "glue", {"glue.data_dir": root, **SUITE})
+    code = glue(["--config", str(cfg)])
+    return SimpleNamespace(cfg=cfg, out=tmp / "out", code=code, tmp=tmp)
+
+
+def test_a_failed_task_is_listed_and_the_others_still_run(suite):
+    assert suite.code == 2
+    res = json.loads((suite.out / "glue_results.json").read_text())
+    assert set(res["tasks"]) == {"MNLI", "CoLA", "STS-B", "RTE", "WNLI"} and not res["complete"]
     assert res["tasks"]["WNLI"]["failed"].keys() == {"1", "2"} and "hypothesis" not in res["tasks"]["WNLI"]
-    assert "no column 'sentence2'" in res["tasks"]["WNLI"]["failed"]["1"] and not res["complete"]
+    assert "no column 'sentence2'" in res["tasks"]["WNLI"]["failed"]["1"]
+
+
+def test_task_scores_are_means_over_seeds_and_the_glue_score_a_mean_over_tasks(suite):
+    res = json.loads((suite.out / "glue_results.json").read_text())
     task_scores = []
     for name, metrics in (("CoLA", ["matthews"]), ("STS-B", ["pearson", "spearman"]),
                           ("MNLI", ["accuracy", "mm_accuracy"]), ("RTE", ["accuracy"])):
         t = res["tasks"][name]
-        per_seed = [expected_score(out, name, s, metrics) for s in (1, 2)]
+        per_seed = [expected_score(suite.out, name, s, metrics) for s in (1, 2)]
         for i, m in enumerate(metrics):
             assert t[f"{m}_per_seed"] == {"1": per_seed[0][i], "2": per_seed[1][i]}
             assert t[m] == pytest.approx((per_seed[0][i] + per_seed[1][i]) / 2, abs=1e-9)
         task_scores.append(sum(t[m] for m in metrics) / len(metrics))
     assert res["score"] == pytest.approx(sum(task_scores) / 4, abs=1e-9)
-    assert "| CoLA | matthews |" in (out / "glue_results.md").read_text()
-    assert summary_main([str(out)]) == 0 and "| MNLI | mm_accuracy |" in capfd.readouterr().out
-    assert report_main([str(out)]) == 0
-    assert "| CoLA/seed_2 |" in (out / "report" / "report.md").read_text()
-    # RTE started from MNLI's model of the same seed
+
+
+def test_the_table_the_summary_and_the_report(suite, capfd):
+    assert "| CoLA | matthews |" in (suite.out / "glue_results.md").read_text()
+    assert summary_main([str(suite.out)]) == 0 and "| MNLI | mm_accuracy |" in capfd.readouterr().out
+    assert report_main([str(suite.out)]) == 0
+    assert "| CoLA/seed_2 |" in (suite.out / "report" / "report.md").read_text()
+
+
+def test_rte_starts_from_mnli_and_per_task_settings_apply(suite):
+    out = suite.out
     assert f"pretrained: {out}/MNLI/seed_2/final" in (out / "RTE/seed_2/config.yaml").read_text()
     assert "lr: 0.003" in (out / "CoLA/seed_1/config.yaml").read_text()  # glue.overrides.cola (any case)
     assert "lr: 0.001" in (out / "MNLI/seed_1/config.yaml").read_text()
     assert json.loads((out / "STS-B/seed_1/eval_results.json").read_text())["train_examples"] == 40
 
-    sub = out / "submission"
-    names = {"CoLA.tsv", "STS-B.tsv", "MNLI-m.tsv", "MNLI-mm.tsv", "AX.tsv", "RTE.tsv"}
-    assert {p.name for p in sub.iterdir()} == names
-    assert set(zipfile.ZipFile(out / "submission.zip").namelist()) == names
-    for file, n, allowed in (("MNLI-mm.tsv", 12, {"entailment", "neutral", "contradiction"}), ("AX.tsv", 10, None),
-                             ("CoLA.tsv", 12, {"0", "1"}), ("RTE.tsv", 12, {"entailment", "not_entailment"})):
+
+def test_the_submission_has_every_test_row_of_every_task(suite):
+    sub = suite.out / "submission"
+    labels = {"CoLA.tsv": {"0", "1"}, "RTE.tsv": {"entailment", "not_entailment"}, "AX.tsv": None,
+              "MNLI-m.tsv": {"entailment", "neutral", "contradiction"}, "STS-B.tsv": None,
+              "MNLI-mm.tsv": {"entailment", "neutral", "contradiction"}}
+    rows_of = {"AX.tsv": 10}  # diagnostic/diagnostic.tsv; every other test table of write_glue has 12 rows
+    assert {p.name for p in sub.iterdir()} == set(labels)
+    assert set(zipfile.ZipFile(suite.out / "submission.zip").namelist()) == set(labels)
+    for file, allowed in labels.items():
         rows = list(csv.reader(open(sub / file), delimiter="\t"))
-        assert rows[0] == ["index", "prediction"] and [r[0] for r in rows[1:]] == [str(i) for i in range(n)]
-        assert allowed is None or {r[1] for r in rows[1:]} <= allowed
+        n = rows_of.get(file, 12)
+        assert rows[0] == ["index", "prediction"] and [r[0] for r in rows[1:]] == [str(i) for i in range(n)], file
+        assert allowed is None or {r[1] for r in rows[1:]} <= allowed, file
     assert all(0 <= float(r[1]) <= 5 for r in list(csv.reader(open(sub / "STS-B.tsv"), delimiter="\t"))[1:])
 
-    # The same command again: every finished run is skipped (nothing retrained).
-    before = (out / "MNLI/seed_1/eval_results.json").stat().st_mtime_ns
-    r = inproc("glue", cfg, ["glue.tasks=[CoLA,STS-B,MNLI,RTE]"])
-    assert r.stdout.count("finished earlier, skipped") == 8
-    assert (out / "MNLI/seed_1/eval_results.json").stat().st_mtime_ns == before
 
-    # A preempted (SIGTERM) then SIGKILLed suite, rerun with the same command each time, ends bit-identical.
-    again = tmp_path / "again"
+def test_the_same_command_again_skips_every_finished_run(suite, inproc):
+    before = (suite.out / "MNLI/seed_1/eval_results.json").stat().st_mtime_ns
+    r = inproc("glue", suite.cfg, ["glue.tasks=[CoLA,STS-B,MNLI,RTE]"])
+    assert r.stdout.count("finished earlier, skipped") == 8
+    assert (suite.out / "MNLI/seed_1/eval_results.json").stat().st_mtime_ns == before
+
+
+def committed(run_dir):
+    return lambda: any(verify(p) is None for _, p in list_checkpoints(run_dir / "checkpoints"))
+
+
+def test_a_preempted_then_killed_suite_resumes_bit_identically(suite):
+    """SIGTERM in MNLI once it has committed a checkpoint (exit 75), then SIGKILL in RTE once it has: the same
+    command each time, and the suite ends with the losses, scores and weights of the uninterrupted one."""
+    again = suite.tmp / "again"
     over = [f"output_dir={again}", "glue.tasks=[MNLI,RTE]", "glue.seeds=[1]"]
-    job = Job("glue", 0, cfg, over)
-    job.wait_until(lambda: (again / "MNLI/seed_1/checkpoints").is_dir(), 120, "an MNLI checkpoint")
+    job = Job("glue", 0, suite.cfg, over)
+    job.wait_until(committed(again / "MNLI/seed_1"), 120, "a committed MNLI checkpoint")
     job.kill(signal.SIGTERM)
     assert job.wait(120) == 75, job.output()[-3000:]
     assert not (again / "MNLI/seed_1/eval_results.json").exists()
-    job = Job("glue", 0, cfg, over)
-    job.wait_until(lambda: (again / "RTE/seed_1/checkpoints").is_dir(), 120, "an RTE checkpoint")
+    job = Job("glue", 0, suite.cfg, over)
+    job.wait_until(committed(again / "RTE/seed_1"), 120, "a committed RTE checkpoint")
     job.kill()
-    job = Job("glue", 0, cfg, over)
+    assert "resumed from " + str(again / "MNLI/seed_1/checkpoints/step_") in job.output()
+    assert not (again / "RTE/seed_1/eval_results.json").exists()
+    job = Job("glue", 0, suite.cfg, over)
     assert job.wait(180) == 0, job.output()[-3000:]
+    assert "resumed from " + str(again / "RTE/seed_1/checkpoints/step_") in job.output()
     for run in ("MNLI/seed_1", "RTE/seed_1"):
-        assert losses(again / run) == losses(out / run), run
-        a, b = (json.loads((d / run / "eval_results.json").read_text())["best"] for d in (again, out))
+        assert compare(suite.out / run, again / run) == [], run
+        a, b = (json.loads((d / run / "eval_results.json").read_text())["best"] for d in (again, suite.out))
         assert a == b
-    assert [r["step"] for r in read_metrics(again / "RTE/seed_1") if "loss" in r] == \
-        [r["step"] for r in read_metrics(out / "RTE/seed_1") if "loss" in r]
 
 
 def test_two_ranks_and_parallel_runs_give_the_same_results(tmp_path, tiny_config, inproc):

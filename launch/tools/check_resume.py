@@ -22,6 +22,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+from bertlaunch.core.layout import RunDir
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -49,7 +51,7 @@ def last_step(metrics: Path) -> int:
 
 
 def losses(out_dir: Path) -> dict[int, float]:
-    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    lines = RunDir(out_dir).metrics.read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, filter(None, lines)) if "loss" in r}
 
 
@@ -64,10 +66,10 @@ def kill_when(cmd: list[str], out_dir: Path, step: int, env=None, timeout: int =
             if proc.poll() is not None:
                 raise RuntimeError(f"the run ended (exit {proc.returncode}) before step {step}:\n"
                                    + proc.stdout.read()[-6000:])
-            if last_step(out_dir / "metrics.jsonl") >= step:
+            if last_step(RunDir(out_dir).metrics) >= step:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                return last_step(out_dir / "metrics.jsonl")
+                return last_step(RunDir(out_dir).metrics)
             time.sleep(0.05)
         raise RuntimeError(f"timed out waiting for step {step}")
     finally:
@@ -77,12 +79,22 @@ def kill_when(cmd: list[str], out_dir: Path, step: int, env=None, timeout: int =
 
 
 def compare(straight: Path, resumed: Path) -> list[str]:
-    """Differences between two runs: per-step losses, then every tensor of final/model.safetensors."""
+    """Differences between two runs logged at every step (log.every=1), both ways: the steps (1..N in both), the
+    loss of each step, the names of the tensors of final/model.safetensors and each tensor. Nothing logged or
+    no tensor is a difference too: an empty comparison proves nothing."""
     la, lb = losses(straight), losses(resumed)
-    problems = [f"step {s}: loss {la[s]!r} straight vs {lb.get(s)!r} resumed" for s in sorted(la)
-                if la[s] != lb.get(s)]
-    wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
-    problems += [f"final weight {k} differs" for k in sorted(wa) if k not in wb or not wa[k].equal(wb[k])]
+    problems = [f"{d}: no loss logged" for d, logged in ((straight, la), (resumed, lb)) if not logged]
+    for name, steps in (("straight", sorted(la)), ("resumed", sorted(lb))):
+        if steps != list(range(1, len(steps) + 1)):
+            problems.append(f"the {name} run's logged steps are not 1..N: {steps}")
+    problems += [f"step {s}: loss {la.get(s)!r} straight vs {lb.get(s)!r} resumed" for s in sorted(set(la) | set(lb))
+                 if la.get(s) != lb.get(s)]
+    wa, wb = (load_file(RunDir(d).final / "model.safetensors") for d in (straight, resumed))
+    if not wa:
+        problems.append(f"{straight}: final/model.safetensors holds no tensor")
+    problems += [f"final weight {k}: only in the {'straight' if k in wa else 'resumed'} run"
+                 for k in sorted(set(wa) ^ set(wb))]
+    problems += [f"final weight {k} differs" for k in sorted(set(wa) & set(wb)) if not wa[k].equal(wb[k])]
     return problems
 
 
