@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import re
+import sys
+from pathlib import Path
 
 
 def machine_info() -> dict:
@@ -25,14 +29,36 @@ def machine_info() -> dict:
     return out
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def portable(obj, tmp_dirs=()):
+    """`obj` with the paths of this machine made relative: the repository -> `.`, the shared data ->
+    `../shared`, this interpreter -> `python`, a temporary folder -> `<tmp>` (results name files as a reader's
+    checkout does, not as the machine that ran them did)."""
+    if isinstance(obj, dict):
+        return {k: portable(v, tmp_dirs) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v, tmp_dirs) for v in obj]
+    if not isinstance(obj, str):
+        return obj
+    for tmp in tmp_dirs:
+        obj = obj.replace(str(tmp), "<tmp>")
+    obj = obj.replace(sys.executable, "python")
+    obj = re.sub(r"/tmp/[\w.-]+", "<tmp>", obj)
+    return obj.replace(str(REPO.parent / "shared"), "../shared").replace(str(REPO) + "/", "").replace(str(REPO), ".")
+
+
+def save_json(res: dict, out: Path, indent: int = 2) -> None:
+    """Write a result with portable paths."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(portable(res), indent=indent) + "\n")
+
+
 def write_result(res: dict, name: str, out_dir: str) -> None:
     """bench/results/<name>_<machine kind>.json; prints the summary."""
-    import json
-    from pathlib import Path
-
     out = Path(out_dir) / f"{name}_{res['machine']['kind']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    save_json(res, out)
     print(json.dumps(res["summary"], indent=2))
     print(f"wrote {out}")
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.env import save_json  # noqa: E402
+
 MRPC = REPO.parent / "shared" / "data" / "mrpc"
 
 
@@ -132,8 +134,7 @@ def main() -> None:
         result["speedup_train_time"] = round(result["hf_trainer"]["train_seconds"] / result["ours"]["train_seconds"], 3)
         result["gate_passed"] = (result["ours"]["accuracy"] >= result["hf_trainer"]["accuracy"]
                                  and result["ours"]["f1"] >= result["hf_trainer"]["f1"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    save_json(result, out, indent=1)
     print(f"wrote {out}")
 
 

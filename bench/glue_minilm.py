@@ -23,6 +23,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.env import machine_info, save_json  # noqa: E402
+
 GLUE = REPO.parent / "shared" / "data" / "glue"
 TASKS = {"CoLA": None, "SST-2": 8000, "MRPC": None, "WNLI": None}  # task -> training rows (None: all)
 
@@ -116,8 +118,6 @@ def main() -> None:
     args = p.parse_args()
     for k, v in dict(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled").items():
         os.environ.setdefault(k, v)
-    from bench.env import machine_info
-
     if args.quick:
         TASKS.update({k: 200 for k in TASKS})
     work = Path(tempfile.mkdtemp(prefix="bench_glue_"))
@@ -151,15 +151,13 @@ def save(result: dict, out: Path) -> None:
              for side in ("ours", "hf_trainer")]
     result["wall_ratio"] = round(walls[0] / walls[1], 3)
     result["gate_passed"] = all(d >= -0.01 for t in gate.values() for d in t.values()) and result["wall_ratio"] <= 0.7
-    out.write_text(json.dumps(result, indent=1))
+    save_json(result, out, indent=1)
     print(json.dumps({"delta_vs_hf": gate, "wall_ratio": result["wall_ratio"], "gate_passed": result["gate_passed"]}))
     print(f"wrote {out}")
 
 
 def more_wnli(args, work: Path) -> None:
     """More WNLI seeds on both sides, measured side by side in this call, added to the existing result."""
-    from bench.env import machine_info
-
     out = result_path(machine_info()["kind"], args.quick)
     result = json.loads(out.read_text())
     extra = ours(args, work, ["WNLI"], args.wnli_seeds)  # seed args.seed again: replaces the first result

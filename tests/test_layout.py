@@ -167,3 +167,9 @@ def test_the_layer_rules_are_checked_on_real_edges(rule):
     known = {"core": ("bertlaunch.core.assemble", "bertlaunch.core.loop"),
              "tasks": ("bertlaunch.tasks.mlm.spec", "bertlaunch.core.task")}[rule]
     assert known[1] in e[known[0]]
+
+
+def test_benchmark_results_name_no_path_of_the_machine_that_ran_them():
+    absolute = re.compile(r'(?:^|[\s"=\[,])/[\w.-]+/')
+    bad = sorted(p.name for p in (REPO / "bench" / "results").glob("*.json") if absolute.search(p.read_text()))
+    assert bad == []
