@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from bertlaunch.data.corpus.embedded import resolve_model_alias
@@ -19,50 +18,15 @@ HEARTBEATS = ".heartbeat"  # the watchdog's per-rank progress files
 WANDB = "wandb"  # offline wandb runs
 
 
-@dataclass(frozen=True)
 class RunDir:
     """Paths of one output_dir."""
 
-    root: Path
-
     def __init__(self, root: str | Path):
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def config(self) -> Path:
-        return self.root / CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / METRICS
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / CHECKPOINTS
-
-    @property
-    def final(self) -> Path:
-        return self.root / FINAL
-
-    @property
-    def exports(self) -> Path:
-        return self.root / EXPORTS
-
-    @property
-    def eval_results(self) -> Path:
-        return self.root / EVAL_RESULTS
-
-    @property
-    def audit(self) -> Path:
-        return self.root / AUDIT
-
-    @property
-    def heartbeats(self) -> Path:
-        return self.root / HEARTBEATS
-
-    @property
-    def wandb(self) -> Path:
-        return self.root / WANDB
+        self.root = Path(root)
+        self.config, self.metrics = self.root / CONFIG, self.root / METRICS
+        self.checkpoints, self.final, self.exports = self.root / CHECKPOINTS, self.root / FINAL, self.root / EXPORTS
+        self.eval_results, self.audit = self.root / EVAL_RESULTS, self.root / AUDIT
+        self.heartbeats, self.wandb = self.root / HEARTBEATS, self.root / WANDB
 
     def predictions(self, name: str = "") -> Path:
         """predictions.tsv (task.test_file) or predictions_<name>.tsv (task.extra_test)."""
