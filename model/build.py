@@ -81,6 +81,7 @@ def load_mlm(model_cfg, spec, model_dir: str | None, meta: bool = False):
 
 
 def check_positions(config, length: int, key: str) -> None:
+    """The one position check: `key` asks for `length` tokens; the model must have that many positions."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and length > limit:
         raise ValueError(f"{key}={length} exceeds the model's max_position_embeddings={limit}: lower {key}")

@@ -39,7 +39,8 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
     seed_everything(cfg.train.seed)
     model = check(spec.model, cfg, tok, data, dry is not None) if tok is not None else None  # same weights on all ranks
     if model is not None:
-        check(check_positions, model.config, spec.longest(cfg), spec.length_key)
+        key, length = spec.longest(cfg)
+        check(check_positions, model.config, length, key)
     seed_rank(cfg.train.seed, info.rank)  # distinct dropout per rank (restored on resume)
     plan, problems = make_plan(cfg, info.world_size, hidden_size=getattr(model and model.config, "hidden_size", None),
                                **spec.plan_args(cfg, data))
@@ -49,7 +50,7 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
     if resume.path is not None and data is not None:
         check(spec.check_resume, cfg, data, resume)
     if dry is not None:
-        preflight.show(dry, cfg, info, plan, model, resume, spec.workers(cfg), spec.longest(cfg))
+        preflight.show(dry, cfg, info, plan, model, resume, spec.workers(cfg), spec.longest(cfg)[1])
         if data is not None:
             check(spec.describe, cfg, tok, data, plan, info)
         return None

@@ -86,14 +86,11 @@ class TaskSpec(Protocol, Generic[Cfg, Tok, Data]):
     """A task described for launch/core/assemble.py. Every method but `task` also runs in the dry run; a
     problem is raised (ConfigError, ValueError, OSError): the run stops with it, the dry run lists it."""
 
-    length_key: str
-    """The config key(s) of the sequence length, for the position check's message."""
-
     def workers(self, cfg: Cfg) -> int:
         """Dataloader streams per rank (a checkpoint written with another count is a resize)."""
 
-    def longest(self, cfg: Cfg) -> int:
-        """The longest sequence the run feeds the model (the model's positions must cover it)."""
+    def longest(self, cfg: Cfg) -> tuple[str, int]:
+        """(config key, length) of the longest sequence the run feeds the model: its positions must cover it."""
 
     def tokenizer(self, cfg: Cfg) -> Tok:
         """The tokenizer, loaded and checked."""

@@ -23,13 +23,11 @@ from bertlaunch.tasks.classify.task import ClassifyTask
 
 
 class FinetuneSpec:
-    length_key = "task.max_length"
-
     def workers(self, cfg: FinetuneConfig) -> int:
         return 1  # examples are collated in the training process
 
-    def longest(self, cfg: FinetuneConfig) -> int:
-        return cfg.task.max_length
+    def longest(self, cfg: FinetuneConfig) -> tuple[str, int]:
+        return "task.max_length", cfg.task.max_length
 
     def tokenizer(self, cfg: FinetuneConfig):
         """task tables are tokenized with the run's tokenizer (default: the one saved with the model)."""

@@ -141,9 +141,11 @@ class PretrainConfig:
         return [PhaseSpec(ph.steps, ph.tokens, ph.block_size, ph.micro_batch_size, ph.global_batch_size)
                 for ph in t.phases]
 
-    def max_block_size(self) -> int:
-        """The longest sequence any phase (or the evaluation) trains on: positions must cover it."""
-        return max([self.data.block_size or 0] + [ph.block_size or 0 for ph in self.train.phases])
+    def longest(self) -> tuple[str, int]:
+        """(key, length) of the longest sequence any phase (or the evaluation) feeds the model."""
+        lengths = [("data.block_size", self.data.block_size or 0)] + [
+            (f"train.phases[{i}].block_size", ph.block_size or 0) for i, ph in enumerate(self.train.phases)]
+        return max(lengths, key=lambda kv: kv[1])
 
     def validate(self) -> list[str]:
         p = validate_common(self)
@@ -176,11 +178,6 @@ class PretrainConfig:
                      "bertlaunch prepare --config <this config> --out <folder>")
         if d.block_size is not None and not 8 <= d.block_size:
             p.append(f"data.block_size must be at least 8, got {d.block_size}")
-        longest = self.max_block_size() if all(ph.block_size for ph in self.train.phases) else d.block_size
-        if self.model.preset and longest and longest > self.model.max_position_embeddings:
-            key = "data.block_size" if longest == d.block_size else "train.phases[].block_size"
-            p.append(f"{key}={longest} exceeds model.max_position_embeddings={self.model.max_position_embeddings}: "
-                     "lower the block size or raise the positions")
         if d.mlm_probability is not None and not 0.0 < d.mlm_probability < 1.0:
             p.append(f"data.mlm_probability must be in (0, 1), got {d.mlm_probability}")
         if d.num_workers is not None and d.num_workers < 0:

@@ -28,13 +28,11 @@ class Tokenizer:
 
 
 class PretrainSpec:
-    length_key = "data.block_size / train.phases[].block_size"
-
     def workers(self, cfg: PretrainConfig) -> int:
         return max(cfg.data.num_workers, 1)
 
-    def longest(self, cfg: PretrainConfig) -> int:
-        return cfg.max_block_size()
+    def longest(self, cfg: PretrainConfig) -> tuple[str, int]:
+        return cfg.longest()
 
     def tokenizer(self, cfg: PretrainConfig) -> Tokenizer:
         return Tokenizer(load_spec(cfg.tokenizer), load_hf_tokenizer(cfg.tokenizer))
