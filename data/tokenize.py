@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bertlaunch.data.corpus.embedded import resolve_tokenizer
 
@@ -105,6 +104,8 @@ def _added_special(tok) -> list[int]:
 
 def load_hf_tokenizer(name: str):
     """transformers fast tokenizer (for saving next to the model and for fine-tuning pairs)."""
+    # lazy: transformers takes seconds to import, and the token-cache build's spawned workers never need it
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # lazy: see above
     path = Path(resolve_tokenizer(name))
     if path.is_file():
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path), unk_token="[UNK]", sep_token="[SEP]",

@@ -8,14 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-# (layers, hidden, heads, intermediate): Google's BERT sizes (+ a tiny one for tests).
-PRESETS = {
-    "tiny": (2, 64, 2, 256),
-    "mini": (4, 256, 4, 1024),
-    "small": (4, 512, 8, 2048),
-    "bert-base": (12, 768, 12, 3072),
-    "bert-large": (24, 1024, 16, 4096),
-}
+from bertlaunch.model.presets import PRESETS
 
 
 def preset_config(name: str, vocab_size: int, pad_id: int, max_positions: int = 512,

@@ -152,6 +152,7 @@ def committed(run_dir):
     return lambda: any(verify(p) is None for _, p in list_checkpoints(run_dir / "checkpoints"))
 
 
+@pytest.mark.slow
 def test_a_preempted_then_killed_suite_resumes_bit_identically(suite):
     """SIGTERM in MNLI once it has committed a checkpoint (exit 75), then SIGKILL in RTE once it has: the same
     command each time, and the suite ends with the losses, scores and weights of the uninterrupted one."""
@@ -176,6 +177,7 @@ def test_a_preempted_then_killed_suite_resumes_bit_identically(suite):
         assert a == b
 
 
+@pytest.mark.slow
 def test_two_ranks_and_parallel_runs_give_the_same_results(tmp_path, tiny_config, inproc):
     root = write_glue(tmp_path / "glue_data", ["SST-2", "MRPC"])
     cfg = tiny_config("glue", {"glue.data_dir": root})

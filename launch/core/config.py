@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from bertlaunch.data.corpus.embedded import MODEL_ALIASES
-from bertlaunch.model.build import PRESETS
+from bertlaunch.model.presets import PRESETS
 
 
 @dataclass
