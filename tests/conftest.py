@@ -31,12 +31,12 @@ BASE = {
     "finetune": {
         "tokenizer": "bert-base-uncased", "model": {"preset": "tiny"},
         "task": {"text_a": "a", "text_b": "b", "label": "label"},
-        "train": {"epochs": 2, "micro_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
+        "train": {"epochs": 2, "micro_batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
         "deepspeed": {"config": "ds_configs/zero0.json"},
         "log": {"every": 1, "wandb": {"mode": "disabled"}}, "checkpoint": {"keep_last": 1}},
     "glue": {
         "tokenizer": "bert-base-uncased", "model": {"preset": "tiny"}, "glue": {"seeds": [1]},
-        "train": {"epochs": 2, "micro_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
+        "train": {"epochs": 2, "micro_batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
         "deepspeed": {"config": "ds_configs/zero0.json"},
         "log": {"every": 1, "wandb": {"mode": "disabled"}}, "checkpoint": {"keep_last": 1}},
 }
@@ -89,27 +89,32 @@ def spec():
     return load_spec("bert-base-uncased")
 
 
+def in_process(entry: str, argv: list[str]) -> int:
+    """main() of launch/<entry>.py in this process; the environment changes the run makes (RANK, MASTER_PORT, ...)
+    are undone afterwards, and BERTLAUNCH_* fault variables install tests/faults.py's hooks for the run."""
+    from bertlaunch.cli.commands import finetune, glue, pretrain
+    from tests.faults import install_from_env
+
+    saved = dict(os.environ)
+    install_from_env()
+    try:
+        return {"pretrain": pretrain, "finetune": finetune, "glue": glue}[entry](argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        install_from_env({})
+
+
 @pytest.fixture
 def inproc(capfd, monkeypatch):
     """inproc(entry, config, overrides=(), check=True, **env) -> Result: run `main()` of launch/<entry>.py
     in this process (single process, as `python launch/<entry>.py`). Environment changes made by the run
     (RANK, MASTER_PORT, ...) are undone afterwards."""
-    from bertlaunch.cli.commands import finetune, glue, pretrain
-    from tests.faults import install_from_env
-
     def run(entry: str, config, overrides=(), check: bool = True, **env) -> Result:
         for key, value in env.items():
             monkeypatch.setenv(key, str(value))
-        saved = dict(os.environ)
         capfd.readouterr()
-        main = {"pretrain": pretrain, "finetune": finetune, "glue": glue}[entry]
-        install_from_env()  # BERTLAUNCH_* fault variables among env: tests/faults.py
-        try:
-            code = main((["--config", str(config)] if config else []) + [str(o) for o in overrides])
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-            install_from_env({})
+        code = in_process(entry, (["--config", str(config)] if config else []) + [str(o) for o in overrides])
         out, err = capfd.readouterr()
         if check and code != 0:
             raise AssertionError(f"exit {code}\n--- stdout\n{out[-6000:]}\n--- stderr\n{err[-6000:]}")

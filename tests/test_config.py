@@ -47,7 +47,7 @@ def test_unknown_keys_did_you_mean_and_all_problems_at_once(tmp_path):
     assert "unknown key 'train.lerning_rate'" in msg and "did you mean 'lr'" not in msg  # too far for a guess
     assert "unknown key 'data.blok_size' (did you mean 'block_size'?)" in msg
     assert "unknown key 'log.evry' (did you mean 'every'?)" in msg
-    assert "train.max_steps: expected an integer, got 'many'" in msg
+    assert "train.max_steps: expected an integer (or null), got 'many'" in msg
     assert "train.precision: must be one of 'auto', 'fp32', 'fp16', 'bf16', got 'fp8'" in msg
     assert len(e.value.problems) == 5
 
@@ -78,20 +78,56 @@ def test_block_size_vs_positions(tmp_path, inproc):
     assert "train.phases[0].block_size=2048 exceeds the model's max_position_embeddings=512" in r.stderr
 
 
-@pytest.mark.parametrize("micro,glob,world,accum", [(8, None, 4, 1), (8, 64, 2, 4), (4, 32, 8, 1)])
-def test_batch_arithmetic(micro, glob, world, accum):
-    cfg = PretrainConfig(output_dir="x")
-    cfg.train.micro_batch_size, cfg.train.global_batch_size = micro, glob
-    assert batch_arithmetic(cfg.train.micro_batch_size, cfg.train.global_batch_size, world) == (accum, [])
+@pytest.mark.parametrize("micro,glob,world,fitted,accum", [
+    (8, None, 4, 8, 1), (8, 64, 2, 8, 4), (4, 32, 8, 4, 1),
+    (256, 4096, 32, 128, 1),  # bert_base.yaml on 32 GPUs: the micro-batch shrinks, the global batch stays
+    (32, 32, 8, 4, 1),  # fine-tuning's batch 32 on 8 GPUs
+    (8, 100, 2, 5, 10),  # 50 per rank: 5 is the largest micro-batch at most 8 that divides it
+])
+def test_the_micro_batch_is_fitted_to_the_global_batch(micro, glob, world, fitted, accum):
+    assert batch_arithmetic(micro, glob, world) == (fitted, accum, [])
 
 
-def test_batch_arithmetic_suggests_valid_sizes():
-    cfg = PretrainConfig(output_dir="x")
-    cfg.train.micro_batch_size, cfg.train.global_batch_size = 8, 100
-    accum, problems = batch_arithmetic(cfg.train.micro_batch_size, cfg.train.global_batch_size, 2)
-    assert accum == 0
-    assert problems == ["train.global_batch_size=100 is not a multiple of micro_batch_size x world_size = "
-                        "8 x 2 = 16: use 96 or 112, or change train.micro_batch_size"]
+def test_a_global_batch_the_ranks_cannot_share_proposes_sizes():
+    assert batch_arithmetic(256, 4096, 24)[2] == [
+        "train.global_batch_size=4096 cannot be shared evenly by 24 rank(s): use 4080 or 4104, or a number of ranks "
+        "that divides 4096"]
+
+
+@pytest.mark.parametrize("world", [1, 8, 32])
+def test_the_bert_base_recipe_plans_at_any_world_size(world, tmp_path, monkeypatch, capfd):
+    """configs/bert_base.yaml's dry run at 1, 8 and 32 ranks: the global batch (4096) and the token budget hold."""
+    from bertlaunch.cli.commands import pretrain
+
+    corpus = tmp_path / "wiki.txt"
+    corpus.write_text("a river of stone and light\n\nthe garden window\n" * 2000)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", "0")
+    code = pretrain(["--config", str(REPO / "configs" / "bert_base.yaml"), "--dry-run", f"data.train_files=[{corpus}]",
+                     f"output_dir={tmp_path / 'out'}", "data.num_workers=1"])
+    out, err = capfd.readouterr()
+    assert code == 0, err
+    micro = min(256, 4096 // world)
+    assert f"global 4096 = micro {micro} x accumulation {4096 // world // micro} x world {world}" in out
+    assert "steps         70000 = 36.7B token slots" in out
+    assert ("train.micro_batch_size 256 -> 128" in out) == (world == 32)
+
+
+def test_integer_keys_take_scientific_notation(tmp_path):
+    cfg = load_pretrain(str(base(tmp_path)), ["train.max_tokens=20e9", "train.warmup_tokens=1.5e6"])
+    assert (cfg.train.max_tokens, cfg.train.warmup_tokens) == (20_000_000_000, 1_500_000)
+    with pytest.raises(configlib.ConfigError, match="train.max_tokens: expected an integer .or null., got 0.25"):
+        load_pretrain(str(base(tmp_path)), ["train.max_tokens=2.5e-1"])
+
+
+def test_config_and_plan_problems_come_in_one_round(tmp_path, inproc):
+    """A bad key and a global batch the ranks cannot share: both in the first message, before anything starts."""
+    r = inproc("pretrain", base(tmp_path), ["train.lr=-1", "train.global_batch_size=7", "train.micro_batch_size=4"],
+               check=False, WORLD_SIZE=2, RANK=0, MASTER_ADDR="127.0.0.1", MASTER_PORT=29999)
+    assert r.returncode == 2
+    assert "train.lr must be > 0, got -1.0" in r.stderr
+    assert "train.global_batch_size=7 cannot be shared evenly by 2 rank(s): use 6 or 8" in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_ds_json_auto_filled_and_conflicts_named():

@@ -11,7 +11,7 @@ from bertlaunch.data.tables.pairs import Encoded, collate, encode_pairs, epoch_o
 from bertlaunch.data.tables.read import infer_labels, read_rows, require_columns
 from bertlaunch.data.tokenize import load_hf_tokenizer
 from bertlaunch.tasks.classify.scores import task_metrics
-from tests.helpers import MRPC, write_pairs
+from tests.helpers import MRPC, needs_shared, write_pairs
 
 
 def test_tsv_is_read_without_quote_processing(tmp_path):
@@ -21,7 +21,7 @@ def test_tsv_is_read_without_quote_processing(tmp_path):
     assert [r["#1 String"] for r in t.rows] == ['He said "hello', '"quoted"'] and t.lines == [2, 3]
 
 
-@pytest.mark.skipif(not (MRPC / "train.tsv").is_file(), reason="../shared/data is not present")
+@needs_shared
 def test_mrpc_reads_every_row():
     for name, n in (("train.tsv", 3668), ("dev.tsv", 408), ("test.tsv", 1725)):
         t = read_rows(str(MRPC / name))

@@ -76,15 +76,14 @@ def expected_score(out, task, seed, metrics):
 def suite(tmp_path_factory):
     """One suite, run once for the tests below: CoLA, STS-B, MNLI, RTE (from MNLI's model) and WNLI, 2 seeds,
     in this process; WNLI's training table has a changed column layout, so its runs fail."""
-    from bertlaunch.cli.commands import glue
-    from tests.conftest import build_config
+    from tests.conftest import build_config, in_process
 
     tmp = tmp_path_factory.mktemp("suite")
     root = write_glue(tmp / "glue_data", ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"])
     wnli = root / "WNLI" / "train.tsv"
     wnli.write_text(wnli.read_text().replace("sentence2", "hypothesis", 1))
     cfg = build_config(tmp, "glue", {"glue.data_dir": root, **SUITE})
-    code = glue(["--config", str(cfg)])
+    code = in_process("glue", ["--config", str(cfg)])
     return SimpleNamespace(cfg=cfg, out=tmp / "out", code=code, tmp=tmp)
 
 

@@ -82,6 +82,7 @@ class FakeTask:
         self.consumed_steps.append(step)
 
     def forward(self, engine, batch):
+        self.modes = getattr(self, "modes", []) + [engine.mode]
         if batch is NULL:
             self.null_calls += 1
             return torch.tensor(0.0)
@@ -215,6 +216,16 @@ def test_eval_and_checkpoint_cadence_and_the_best_checkpoint(tmp_path):
     assert t.saver.saved == [3, 4, 6, 8, 10, 10] and t.saver.protected == {10}
     assert t.state.best_step == 10 and task.finished
     assert [r["step"] for r in rows(tmp_path) if "loss" in r] == list(range(1, 11))
+
+
+def test_every_step_trains_in_train_mode_also_before_the_first_evaluation(tmp_path):
+    """from_pretrained returns a model in eval mode: the loop switches it to training before the first step
+    (found by the GLUE resume test: a pretrained model trained without dropout until its first evaluation)."""
+    task = FakeTask([1.0] * 6, total_steps=6, eval_every=3, evals=[2.0, 1.0])
+    t = make_trainer(tmp_path, task)
+    t.engine.mode = "eval"
+    assert t.fit() == EXIT_OK
+    assert task.modes == ["train"] * 6
 
 
 def test_tokens_and_samples_are_counted_over_the_run(tmp_path):

@@ -154,7 +154,7 @@ def test_two_ranks_kill_resume_and_resize_on_a_gz_and_parquet_mixture(tmp_path, 
 
     from bertlaunch.core.checkpoint import list_checkpoints
     from bertlaunch.data.tokenize import load_spec
-    from tests.helpers import audited_tokens, compare, doc_tokens, run, run_and_kill
+    from tests.helpers import assert_resumed, audited_tokens, compare, doc_tokens, run, run_and_kill
 
     web = [str(make_corpus(tmp_path / "a.txt", 30, seed=3)),
            str(compressed_copy(make_corpus(tmp_path / "b.txt", 12, seed=4), ".gz"))]
@@ -165,9 +165,9 @@ def test_two_ranks_kill_resume_and_resize_on_a_gz_and_parquet_mixture(tmp_path, 
         "train.global_batch_size": 12, "train.max_steps": 24, "checkpoint.every": 4, "train.warmup_steps": 0})
     straight, killed, resized = tmp_path / "straight", tmp_path / "killed", tmp_path / "resized"
     run("pretrain", 2, cfg, [f"output_dir={straight}"])
-    assert run_and_kill("pretrain", 2, cfg, [f"output_dir={killed}"], killed, 9) >= 9
+    step = run_and_kill("pretrain", 2, cfg, [f"output_dir={killed}"], killed, 9, 24)
     shutil.copytree(killed, resized)
-    assert "resumed from" in run("pretrain", 2, cfg, [f"output_dir={killed}"]).stdout
+    assert_resumed(run("pretrain", 2, cfg, [f"output_dir={killed}"]).stdout, killed, step)
     assert compare(straight, killed) == []
 
     assert "resized from 2 rank(s)" in run("pretrain", 3, cfg, [f"output_dir={resized}"]).stdout

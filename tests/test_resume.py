@@ -3,7 +3,6 @@ world-size changes, broken checkpoints, signals. Each test's straight run is als
 2-rank run (losses fall, every token counted, eval rows, trainer.json, final/)."""
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -17,11 +16,11 @@ from tests.helpers import (
     WIKI_TEST,
     WIKI_VALID,
     Job,
+    assert_resumed,
     audited_tokens,
     compare,
     doc_tokens,
     last_step,
-    losses,
     make_corpus,
     needs_shared,
     read_metrics,
@@ -43,35 +42,18 @@ def resume_cfg(tiny_config):
     return make
 
 
-def kill_twice_and_resume(entry, cfg, out, rng, windows):
-    """SIGKILL the whole job at a random step in each window, then let it finish."""
-    for lo, hi in windows:
-        assert run_and_kill(entry, 2, cfg, [f"output_dir={out}"], out, rng.randint(lo, hi)) >= lo
-    return run(entry, 2, cfg, [f"output_dir={out}"])
-
-
 @needs_shared
-# stage 2: bit-identical through a 2-node preemption (tests/test_slurm.py); stage 1: a 2-node checkpoint resumed on
-# one task there; stage 3: the fine-tuning SIGKILL test below (CI time). Stage 3 keeps its case here for a run
-# by hand (pytest -k "sigkill_twice"): a rank-0 export longer than train.dist_timeout_s must not kill the others.
-@pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.skipif(
-    os.environ.get("BERTLAUNCH_FULL") != "1", reason="CI time: ZeRO-3 resume is covered by the fine-tuning test; "
-                                                     "BERTLAUNCH_FULL=1 runs it"))])
-def test_sigkill_twice_resume_is_bit_identical(tmp_path, resume_cfg, stage):
-    """2 CPU ranks, ZeRO stage N: SIGKILL the whole job at two random steps; losses and final weights match the
-    run that was never killed, bit for bit."""
-    cfg = resume_cfg([WIKI_VALID], stage, {"data.eval_files": [WIKI_TEST], "eval.every": 8, "eval.max_batches": 2})
-    straight = tmp_path / "straight"
-    extra = {}
-    if stage == 3:  # rank 0's final export outlasts train.dist_timeout_s: the other ranks must not be killed
-        extra = {"BERTLAUNCH_SLOW_EXPORT_S": 14}
-    run("pretrain", 2, cfg, [f"output_dir={straight}"] + (["train.dist_timeout_s=10"] if extra else []), **extra)
-    check_plain_pretraining_run(straight, stage)  # (stage 3: exit 0 although the export took 14 s > 10 s)
-    out = tmp_path / "killed"
-    proc = kill_twice_and_resume("pretrain", cfg, out, random.Random(stage), [(5, 8), (10, 13)])
-    assert "resumed from" in proc.stdout
+def test_sigkill_twice_resume_is_bit_identical(tmp_path, resume_cfg):
+    """SIGKILL the whole job at two random steps (the second attempt is itself a resume); losses and final weights
+    match the run that was never killed, bit for bit. (The matrix of every ZeRO stage: tests/test_kill_matrix.py.)"""
+    cfg = resume_cfg([WIKI_VALID], 0, {"data.eval_files": [WIKI_TEST], "eval.every": 8, "eval.max_batches": 2})
+    straight, out, rng = tmp_path / "straight", tmp_path / "killed", random.Random(0)
+    run("pretrain", 2, cfg, [f"output_dir={straight}"])
+    check_plain_pretraining_run(straight, 0)
+    first = run_and_kill("pretrain", 2, cfg, [f"output_dir={out}"], out, rng.randint(5, 8), 16)
+    second = run_and_kill("pretrain", 2, cfg, [f"output_dir={out}"], out, rng.randint(10, 13), 16, resumes_from=first)
+    assert_resumed(run("pretrain", 2, cfg, [f"output_dir={out}"]).stdout, out, second)
     assert compare(straight, out) == []
-    assert len(losses(out)) == 16
 
 
 def check_plain_pretraining_run(out, stage):
@@ -91,17 +73,22 @@ def check_plain_pretraining_run(out, stage):
 
 
 def test_exactly_once_across_kills_and_world_size_changes(tmp_path, resume_cfg):
-    """2 ranks x 2 workers -> kill -> 1 rank x 1 worker -> kill -> 2 ranks x 2 workers, several epochs:
+    """2 ranks x 2 workers -> kill -> 1 rank x 1 worker with a bigger micro-batch -> kill -> 3 ranks x 2 workers,
+    several epochs: the global batch (12) holds at every size, its micro-batch and accumulation re-planned, and
     every document of every finished epoch is trained exactly once, token for token."""
     files = [str(make_corpus(tmp_path / f"c{i}.txt", n, seed=i)) for i, n in enumerate([40, 5, 70])]
     cfg = resume_cfg(files, 2, {"train.max_steps": 60, "checkpoint.every": 5, "train.micro_batch_size": 4,
-                                "train.global_batch_size": 8, "data.audit": True, "data.block_size": 32})
+                                "train.global_batch_size": 12, "data.audit": True, "data.block_size": 32})
     out = tmp_path / "run"
     o = [f"output_dir={out}"]
-    run_and_kill("pretrain", 2, cfg, o, out, 13)
-    run_and_kill("pretrain", 0, cfg, o + ["data.num_workers=1"], out, 33)  # world 2 -> 1, workers 2 -> 1
-    proc = run("pretrain", 2, cfg, o)  # back to 2 ranks x 2 workers
+    first = run_and_kill("pretrain", 2, cfg, o, out, 13, 60)  # micro 4 -> 3, accumulation 2
+    second = run_and_kill("pretrain", 0, cfg, o + ["data.num_workers=1", "train.micro_batch_size=12"], out, 33, 60,
+                          resumes_from=first)  # world 2 -> 1, workers 2 -> 1: micro 12, accumulation 1
+    proc = run("pretrain", 3, cfg, o)  # 3 ranks x 2 workers: micro 4, accumulation 1
+    assert_resumed(proc.stdout, out, second)
     assert "resized from 1 rank(s) x 1 worker(s)" in proc.stdout
+    rows = [r for r in read_metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 61)) and all(r["samples"] == 12 * r["step"] for r in rows)
     trainer = json.loads((list_checkpoints(out / "checkpoints")[-1][1] / "trainer.json").read_text())
     done_epochs = min(s["epoch"] for s in trainer["streams"])
     assert done_epochs >= 2
@@ -120,7 +107,7 @@ def test_killed_during_save_and_corrupt_checkpoint_fall_back(tmp_path, resume_cf
     run("pretrain", 0, cfg, [f"output_dir={out}"], check=False, BERTLAUNCH_KILL_IN_SAVE_AT=8)
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [4]
     assert (out / "checkpoints" / ".tmp-step_00000008").is_dir()  # the half-written save, never committed
-    assert "resumed from" in run("pretrain", 0, cfg, [f"output_dir={out}"]).stdout
+    assert_resumed(run("pretrain", 0, cfg, [f"output_dir={out}"]).stdout, out, 4)
     # flip one byte in the newest committed checkpoint: checksum catches it, resume falls back
     newest = list_checkpoints(out / "checkpoints")[-1][1]
     shard = next(p for p in (newest / "ds").rglob("*.pt"))
@@ -129,7 +116,8 @@ def test_killed_during_save_and_corrupt_checkpoint_fall_back(tmp_path, resume_cf
     shard.write_bytes(bytes(raw))
     proc = run("pretrain", 0, cfg, [f"output_dir={out}"])
     assert f"checkpoint {newest} is unusable" in proc.stdout and "sha256 mismatch" in proc.stdout
-    assert "resumed from" in proc.stdout
+    assert newest.name == "step_00000012"
+    assert_resumed(proc.stdout, out, 8)
     straight = tmp_path / "straight"
     run("pretrain", 0, cfg, [f"output_dir={straight}"])
     assert compare(straight, out) == []
@@ -176,26 +164,3 @@ def test_export_cli_and_check_resume_cli(tmp_path, resume_cfg, corpus, capsys):
 
     assert AutoModelForMaskedLM.from_pretrained(tmp_path / "hf").config.num_hidden_layers == 2
     shutil.rmtree(tmp_path / "cr")
-
-
-@pytest.mark.parametrize("stage", [3])  # 1: the 2-node fine-tuning in tests/test_slurm.py (CI time)
-def test_finetune_sigkill_resume_is_bit_identical(tmp_path, tiny_config, pairs, stage):
-    """Pad-free batches (task.unpad) under ZeRO-3 (its parameter hooks see the packed forward's module calls);
-    the padded path's exact resume is checked by tests/test_glue.py's interrupted suite."""
-    files = [pairs(f"{n}.tsv", k, seed=i) for i, (n, k) in enumerate([("train", 100), ("dev", 20)])]
-    cfg = tiny_config("finetune", {"task.train_file": files[0], "task.eval_file": files[1], "train.epochs": 2,
-                                   "task.unpad": True,
-                                   "train.micro_batch_size": 4, "train.global_batch_size": 16,
-                                   "deepspeed.config": f"ds_configs/zero{stage}.json", "eval.save_best": False,
-                                   "checkpoint.every": 3, "checkpoint.keep_last": 2})
-    straight = tmp_path / "straight"
-    run("finetune", 2, cfg, [f"output_dir={straight}"])
-    train = [r for r in read_metrics(straight) if "loss" in r]
-    assert train[-1]["samples"] == 2 * 100  # two epochs, every example once per epoch, short last batch kept
-    assert [r["step"] for r in read_metrics(straight) if "eval_loss" in r] == [7, 14]  # ceil(100 / 16) = 7
-    out = tmp_path / "killed"
-    # 7 steps per epoch: the second kill is in epoch 2
-    proc = kill_twice_and_resume("finetune", cfg, out, random.Random(10 + stage), [(4, 6), (8, 11)])
-    assert "resumed from" in proc.stdout
-    assert compare(straight, out) == []
-    assert len(losses(out)) == 14

@@ -17,7 +17,7 @@ from bertlaunch.data.corpus.shards import DataError, Segment
 from bertlaunch.data.mlm.stream import StreamState, TextStream
 from bertlaunch.data.tables.read import infer_labels, read_rows, require_columns
 from bertlaunch.data.tokenize import load_spec
-from tests.helpers import REPO, Job, read_metrics, run
+from tests.helpers import REPO, Job, assert_resumed, read_metrics, run
 
 BAD = REPO / "tests" / "bad_inputs"
 
@@ -67,6 +67,22 @@ def test_non_utf8_strict_names_file_line_byte():
         list(reader.pieces(Segment(0, 0, 53)))
     assert str(e.value).startswith(f"{BAD / 'not_utf8.txt'}: line 2 (byte 45) is not valid UTF-8")
     assert "set data.encoding_errors=replace" in str(e.value)
+
+
+def test_an_error_in_a_loader_worker_mid_run_exits_2_with_its_message(tmp_path, pretrain_cfg, inproc):
+    """Bad bytes deep in the corpus: the dataloader worker meets them after some steps were trained; the run
+    stops with exit 2 and the worker's message (file, line, byte and the fix), through the real loader."""
+    lines = [f"doc{i} river stone house light music paper garden" for i in range(1500)]  # 50 bytes each
+    corpus = tmp_path / "late.txt"  # the bad line past the first read batch (64 KB) of the worker
+    bad = b"\ndoc1400 bad \xff byte\n"
+    corpus.write_bytes("\n".join(lines[:1400]).encode() + bad + "\n".join(lines[1401:]).encode())
+    r = inproc("pretrain", pretrain_cfg([corpus], {"data.txt_documents": "line", "data.num_workers": 1,
+                                                   "train.micro_batch_size": 16, "train.max_steps": 100,
+                                                   "checkpoint.every": 0}), check=False)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert f"{corpus}: line 1401 (byte" in r.stderr and "is not valid UTF-8" in r.stderr
+    assert "set data.encoding_errors=replace" in r.stderr
+    assert 10 < max(row["step"] for row in read_metrics(tmp_path / "out")) < 100  # it failed mid-run
 
 
 def test_non_utf8_replace_is_counted(tmp_path, pretrain_cfg, inproc):
@@ -160,12 +176,13 @@ def test_dry_run_prints_the_plan_and_a_batch(tmp_path, pretrain_cfg, tiny_config
                      "stage 3:", "tokens per epoch", "one block", "[MASK]", "dry run OK"):
         assert fragment in proc.stdout, fragment
     assert not (tmp_path / "out").exists()
-    proc = inproc("pretrain", cfg, ["--dry-run", "train.global_batch_size=6"], check=False)
-    assert proc.returncode == 2 and "use 4 or 8" in proc.stderr
+    two = {"WORLD_SIZE": 2, "RANK": 0}  # the world the dry run plans for, as a launcher sets it
+    proc = inproc("pretrain", cfg, ["--dry-run", "train.global_batch_size=7"], check=False, **two)
+    assert proc.returncode == 2 and "use 6 or 8" in proc.stderr
     # a tokenizer that cannot load does not hide the plan's problems: every one is listed
-    proc = inproc("pretrain", cfg, ["--dry-run", "train.global_batch_size=6", f"tokenizer={tmp_path / 'nope'}"],
-                  check=False)
-    assert proc.returncode == 2 and "2 problem(s)" in proc.stderr and "use 4 or 8" in proc.stderr
+    proc = inproc("pretrain", cfg, ["--dry-run", "train.global_batch_size=7", f"tokenizer={tmp_path / 'nope'}"],
+                  check=False, **two)
+    assert proc.returncode == 2 and "2 problem(s)" in proc.stderr and "use 6 or 8" in proc.stderr
     assert f"tokenizer '{tmp_path / 'nope'}' is not a folder" in proc.stderr
     ft = tiny_config("finetune", {"model.preset": None, "model.pretrained": "minilm", "tokenizer": None,
                                   "task.text_a": "sentence1", "task.text_b": "sentence2",
@@ -228,7 +245,7 @@ def test_disk_full_keeps_the_last_checkpoint(tmp_path, pretrain_cfg, corpus, inp
     assert ckpts == [4, 10] and not list((tmp_path / "out" / "checkpoints").glob(".tmp-*"))
     proc = inproc("pretrain", cfg, [f"train.resume={tmp_path / 'out' / 'checkpoints' / 'step_00000004'}",
                                     "train.max_steps=10"])
-    assert "resumed from" in proc.stdout and "at step 4" in proc.stdout
+    assert_resumed(proc.stdout, tmp_path / "out", 4)
 
 
 # -- unsafe files ----------------------------------------------------------------------------------

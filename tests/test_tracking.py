@@ -8,7 +8,7 @@ import pytest
 
 from bertlaunch.core.metrics import truncate_after
 from bertlaunch.core.tracking import Tracker, auto_mode
-from tests.helpers import run, run_and_kill, wandb_history
+from tests.helpers import assert_resumed, run, run_and_kill, wandb_history
 
 SECRET_ENV = "s3cr3t-env-value-0123456789"
 SECRET_CFG = "hf_AbCdEfGhIjKlMnOpQrStUv12"
@@ -23,8 +23,9 @@ def test_offline_wandb_survives_kill_and_resume_as_one_run_without_secrets(tmp_p
     out = tmp_path / "out"
     secret_env = {"MY_SERVICE_TOKEN": SECRET_ENV}
     overrides = ["data.eval_files=[" + str(train) + "]"]
-    run_and_kill("pretrain", 0, cfg, overrides, out, 7, **secret_env)
+    step = run_and_kill("pretrain", 0, cfg, overrides, out, 7, 12, **secret_env)
     proc = run("pretrain", 0, cfg, overrides, **secret_env)
+    assert_resumed(proc.stdout, out, step)
     # plain progress lines (stdout is not a terminal here)
     assert "step 12/12 loss=" in proc.stdout and "eta=" in proc.stdout
     run_dirs = sorted((out / "wandb").glob("offline-run-*"))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bertlaunch.cli.entry import Command, entry
-from bertlaunch.core.assemble import assemble
+from bertlaunch.core.assemble import assemble, plan_problems
 from bertlaunch.core.preflight import Preflight
 from bertlaunch.core.task import TaskSpec
 from bertlaunch.tasks.classify.config import FinetuneConfig
@@ -28,12 +28,16 @@ def dry_run_with(spec: TaskSpec):
     return dry_run
 
 
+def plans_of(spec: TaskSpec):
+    return lambda cfg, world: plan_problems(spec, cfg, world)
+
+
 PRETRAIN_COMMAND = Command("launch/pretrain.py", "MLM pretraining of BERT-style encoders under DeepSpeed.",
-                           PretrainConfig, train_with(PRETRAIN), dry_run_with(PRETRAIN))
+                           PretrainConfig, train_with(PRETRAIN), dry_run_with(PRETRAIN), plans_of(PRETRAIN))
 FINETUNE_COMMAND = Command("launch/finetune.py", "Fine-tune a BERT-style encoder on a sentence(-pair) task.",
-                           FinetuneConfig, train_with(FINETUNE), dry_run_with(FINETUNE))
+                           FinetuneConfig, train_with(FINETUNE), dry_run_with(FINETUNE), plans_of(FINETUNE))
 GLUE_COMMAND = Command("launch/glue.py", "Fine-tune and score a BERT-style encoder on the GLUE benchmark.",
-                       GlueConfig, glue_run.run, glue_run.dry_run)
+                       GlueConfig, glue_run.run, glue_run.dry_run, glue_run.plan_problems)
 
 
 def pretrain(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ class Command:
     config: type
     run: Callable[[object, dist.DistInfo], int]  # under an initialised process group
     dry_run: Callable[[object, dist.DistInfo], int]  # no process group: the world as the launcher set it up
+    plan_problems: Callable[[object, int], list[str]]  # the batch plan at this world size, reported with the config's
 
 
 def parse_args(argv: list[str] | None, prog: str, doc: str):
@@ -37,8 +38,12 @@ def parse_args(argv: list[str] | None, prog: str, doc: str):
 
 def entry(argv: list[str] | None, command: Command) -> int:
     args = parse_args(argv, command.prog, command.description)
+    world = dist.detect().world_size
+    # a run: the config's problems and the plan's (batch arithmetic at this world size, the DeepSpeed JSON) in one
+    # round, before anything starts; a dry run lists the plan's with all the others it finds
+    more = None if args.dry_run else (lambda c: command.plan_problems(c, world))
     try:
-        cfg = configlib.load(command.config, args.config, args.overrides)
+        cfg = configlib.load(command.config, args.config, args.overrides, more=more)
     except configlib.ConfigError as e:
         return fail(str(e))
     if args.dry_run:

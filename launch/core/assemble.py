@@ -45,6 +45,8 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
     plan, problems = make_plan(cfg, info.world_size, hidden_size=getattr(model and model.config, "hidden_size", None),
                                **spec.plan_args(cfg, data))
     check.problems(problems, "run config vs DeepSpeed config")
+    for note in plan.notes if dry is None else ():
+        log(f"note: {note}")
     saver = Checkpointer(cfg.output_dir, cfg.checkpoint, info, log)
     resume = check(choose_resume, saver, cfg, info, spec.workers(cfg)) or Resume()
     if resume.path is not None and data is not None:
@@ -86,6 +88,17 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
     return Trainer(train=cfg.train, log=cfg.log, checkpoint=cfg.checkpoint, run_dir=RunDir(cfg.output_dir),
                    info=info, engine=engine, task=task, state=state, plan=plan, metrics=metrics, saver=saver,
                    trainer_extra=extra, peak_flops=peak_flops(plan.precision, cfg.log.peak_tflops))
+
+
+def plan_problems(spec: TaskSpec, cfg, world_size: int) -> list[str]:
+    """The plan's problems for this world size (batch arithmetic, the DeepSpeed JSON against the config), which
+    need no file but the JSON: entry points report them with the config's own (configlib.load's `more`)."""
+    if not cfg.deepspeed.path().is_file():
+        return []  # the config check names the missing file
+    try:
+        return make_plan(cfg, world_size, **spec.plan_args(cfg, None))[1]
+    except ValueError as e:  # the DeepSpeed JSON is not valid JSON
+        return [str(e)]
 
 
 def choose_resume(saver: Checkpointer, cfg, info: DistInfo, workers: int) -> Resume:

@@ -185,9 +185,11 @@ def read_trainer(ckpt: Path) -> dict:
 
 # -- what must not change between a checkpoint and its resume ----------------------------------------
 # Config keys whose change keeps a resume exact (everything else is compared and reported by name).
+# The micro-batch is a per-device memory setting: a resume re-plans it (and the accumulation) for its world size,
+# keeping the global batch.
 VOLATILE_PREFIXES = ("output_dir", "eval.", "log.", "checkpoint.", "train.resume", "train.max_steps",
                      "train.epochs", "train.nan_policy", "train.max_bad_steps", "train.dist_timeout_s",
-                     "data.num_workers", "data.audit", "task.test_file", "model.compile")
+                     "train.micro_batch_size", "data.num_workers", "data.audit", "task.test_file", "model.compile")
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -203,8 +205,10 @@ def flatten(d: dict, prefix: str = "") -> dict:
 def exact_keys(cfg) -> dict:
     """The config values that must not change between a checkpoint and its resume (secrets redacted:
     they are stored in the checkpoint)."""
-    return {k: v for k, v in redact(flatten(configlib.to_dict(cfg))).items()
-            if not k.startswith(VOLATILE_PREFIXES)}
+    flat = redact(flatten(configlib.to_dict(cfg)))
+    if isinstance(flat.get("train.phases"), list):  # a phase's micro-batch is as volatile as train.micro_batch_size
+        flat["train.phases"] = [{k: v for k, v in ph.items() if k != "micro_batch_size"} for ph in flat["train.phases"]]
+    return {k: v for k, v in flat.items() if not k.startswith(VOLATILE_PREFIXES)}
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

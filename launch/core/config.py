@@ -48,10 +48,11 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to train for."""
     micro_batch_size: int = 32
-    """Sequences per rank per forward pass."""
+    """Sequences per rank per forward pass, at most: a per-device memory setting. When it does not divide the global
+    batch's share of one rank, the largest micro-batch below it that does is used (the dry run says so)."""
     global_batch_size: int | None = None
-    """Sequences per optimizer step over all ranks = micro_batch_size x grad-accum x world size
-    (None: micro_batch_size x world size, no accumulation)."""
+    """Sequences per optimizer step over all ranks = micro-batch x accumulation x world size: the recipe, kept at
+    any world size and across a resize (None: micro_batch_size x world size, no accumulation)."""
     lr: float = 1e-4
     """Peak learning rate."""
     warmup_steps: int = 0
@@ -89,7 +90,10 @@ class TrainConfig:
     """auto: newest verified checkpoint in output_dir (fresh start if none); none: always fresh;
     or a path to a checkpoint folder."""
     nan_policy: Literal["skip", "stop"] = "skip"
-    """Non-finite loss: skip = drop that step (counted) and continue; stop = checkpoint last good state and exit."""
+    """Non-finite loss seen by the per-micro-batch check (train.nan_check=micro_batch): skip = drop the bad
+    micro-batch (a step whose every micro-batch was bad leaves the weights as they are, counted in skipped_steps)
+    and continue; stop = checkpoint the last good state and exit 3. Under nan_check=log_steps (the GPU default) a
+    non-finite loss is only seen at a log step and the run stops there with exit 3, without saving, either way."""
     nan_check: Literal["auto", "micro_batch", "log_steps"] = "auto"
     """micro_batch: test every micro-batch's loss before its backward (one host sync each; a bad batch is
     dropped before it touches the weights); log_steps: only at log steps (no host sync between steps: the

@@ -14,6 +14,7 @@ import inspect
 import textwrap
 import types
 import typing
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Union
 
@@ -60,12 +61,18 @@ def _coerce(value: Any, tp, path: str, problems: list[str]):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        trials = []
+        for arg in options:
             trial: list[str] = []
             out = _coerce(value, arg, path, trial)
             if not trial:
                 return out
-        problems.append(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+            trials += trial
+        if len(options) == 1:  # an optional key: the type's own message (and that null is allowed)
+            problems.append(trials[0].replace(", got ", " (or null), got ", 1))
+        else:
+            problems.append(f"{path}: expected {' or '.join(_type_name(a) for a in options)}, got {value!r}")
         return None
     if origin is typing.Literal:
         allowed = typing.get_args(tp)
@@ -101,8 +108,15 @@ def _coerce(value: Any, tp, path: str, problems: list[str]):
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML
+        if isinstance(value, float) and value.is_integer():  # 1.5e6 in YAML
             return int(value)
+        if isinstance(value, str):  # YAML 1.1 reads 20e9 (no dot) as a string: an integer all the same
+            try:
+                exact = Decimal(value.strip())
+                if exact.is_finite() and exact == exact.to_integral_value():
+                    return int(exact)
+            except InvalidOperation:
+                pass
         problems.append(f"{path}: expected an integer, got {value!r}")
         return None
     if tp is float:
@@ -200,20 +214,23 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load(cls, path: str | Path | None, overrides: list[str] | None = None):
+def load(cls, path: str | Path | None, overrides: list[str] | None = None, more=None):
     """YAML file (optional) + overrides -> validated config of type `cls`.
 
-    `cls.validate(self) -> list[str]` (when defined) adds cross-field checks; all problems, from
-    parsing and from validation, are raised together."""
+    `cls.validate(self) -> list[str]` (when defined) adds cross-field checks, and `more(cfg) -> list[str]` the
+    checks of what the config implies (the batch plan for this world size); all problems, from parsing,
+    validation and `more`, are raised together."""
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides or []))
     source = str(path) if path else "command line"
     problems: list[str] = []
     cfg = _build(cls, data, "", problems)
-    if cfg is not None and hasattr(cfg, "validate"):
-        try:  # cross-field checks also run when some fields failed, so everything is reported at once
-            problems.extend(cfg.validate())
-        except (TypeError, AttributeError, ValueError):
+    for check in (getattr(cfg, "validate", None), more and (lambda: more(cfg))):
+        if cfg is None or check is None:
+            continue
+        try:  # these checks also run when some fields failed, so everything is reported at once
+            problems.extend(check())
+        except (TypeError, AttributeError, ValueError, ZeroDivisionError):
             if not problems:
                 raise
     if problems:

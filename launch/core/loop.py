@@ -71,6 +71,9 @@ class Trainer:
 
     def _fit(self) -> int:
         task, engine = self.task, self.engine
+        # from_pretrained hands back a model in eval mode: without this a pretrained model trains without dropout
+        # until its first evaluation, and a resumed run (a fresh engine) would differ from a straight one
+        engine.train()
         batches = task.batches()
         while self.state.step < task.total_steps and not self.out_of_time:
             self._enter_phase()  # a new sequence length / batch size from this step on (train.phases)

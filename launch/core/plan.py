@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bertlaunch.core import configlib
 from bertlaunch.core.engine import fill_ds_config, load_ds_json, resolve_precision
 from bertlaunch.core.schedule import Schedule, TimedSchedule
 
@@ -47,6 +46,7 @@ class Plan:
     schedule: Schedule | TimedSchedule  # the lr multiplier per optimizer step (or per fraction of a time budget)
     precision: str  # fp32 | fp16 | bf16 (auto resolved for this machine)
     ds_config: dict  # the DeepSpeed JSON with every "auto" filled
+    notes: tuple[str, ...] = ()  # what the plan changed of the config (a micro-batch fitted to the world size)
 
 
     def phase_at(self, step: int) -> Phase:
@@ -59,16 +59,21 @@ def phase_at(phases: tuple[Phase, ...], step: int) -> Phase:
 
 
 def batch_arithmetic(micro: int, global_batch: int | None, world_size: int, where: str = "train"
-                     ) -> tuple[int, list[str]]:
-    """Gradient-accumulation steps implied by global = micro x accum x world; problems if it is not whole."""
+                     ) -> tuple[int, int, list[str]]:
+    """-> (micro-batch, accumulation steps, problems) with global = micro x accum x world.
+
+    The global batch is the recipe and stays as given (default: micro x world); the micro-batch is a per-device
+    memory setting, so when it does not divide the global batch's share of one rank, the largest micro-batch
+    below it that does is used. A global batch that the ranks cannot share evenly is a problem that proposes
+    sizes that can."""
     glob_bs = global_batch or micro * world_size
-    per_step = micro * world_size
-    if glob_bs % per_step:
-        lo = max(per_step, glob_bs // per_step * per_step)
-        return 0, [f"{where}.global_batch_size={glob_bs} is not a multiple of micro_batch_size x world_size "
-                   f"= {micro} x {world_size} = {per_step}: use {lo} or {lo + per_step}, or change "
-                   f"{where}.micro_batch_size"]
-    return glob_bs // per_step, []
+    if glob_bs % world_size:
+        lo = max(world_size, glob_bs // world_size * world_size)
+        return micro, 1, [f"{where}.global_batch_size={glob_bs} cannot be shared evenly by {world_size} rank(s): "
+                          f"use {lo} or {lo + world_size}, or a number of ranks that divides {glob_bs}"]
+    per_rank = glob_bs // world_size
+    fitted = max(m for m in range(1, min(micro, per_rank) + 1) if per_rank % m == 0)
+    return fitted, per_rank // fitted, []
 
 
 def make_plan(cfg, world_size: int, *, hidden_size: int | None = None, examples: int | None = None,
@@ -79,13 +84,17 @@ def make_plan(cfg, world_size: int, *, hidden_size: int | None = None, examples:
     as one phase, or train.phases), whose steps or tokens make the run; `warmup_tokens` sets the warmup."""
     t = cfg.train
     problems: list[str] = []
+    notes: list[str] = []
     runs: list[Phase] = []
     for i, spec in enumerate(phases or [PhaseSpec(None, None, None)]):
-        micro = spec.micro_batch_size or t.micro_batch_size
         where = f"train.phases[{i}]" if phases and len(phases) > 1 else "train"
-        accum, more = batch_arithmetic(micro, spec.global_batch_size or t.global_batch_size, world_size, where)
+        asked = spec.micro_batch_size or t.micro_batch_size
+        micro, accum, more = batch_arithmetic(asked, spec.global_batch_size or t.global_batch_size, world_size, where)
         problems += more
-        accum = max(accum, 1)
+        if micro != asked and not more:
+            notes.append(f"{where}.micro_batch_size {asked} -> {micro}: the largest that divides the "
+                         f"{micro * accum} sequences per rank of the global batch {micro * accum * world_size} over "
+                         f"{world_size} rank(s)")
         global_batch = micro * accum * world_size
         if spec.tokens:
             steps = math.ceil(spec.tokens / (global_batch * spec.block_size))
@@ -110,15 +119,7 @@ def make_plan(cfg, world_size: int, *, hidden_size: int | None = None, examples:
     if t.time_budget_h:
         sched = TimedSchedule(sched)
     return Plan(world_size, first.accum, first.global_batch, total, tuple(runs), steps_per_epoch, warmup, sched,
-                precision, ds), problems + more
-
-
-def plan(cfg, world_size: int, **kwargs) -> Plan:
-    """make_plan for a run: any problem is a ConfigError (all of them at once)."""
-    p, problems = make_plan(cfg, world_size, **kwargs)
-    if problems:
-        raise configlib.ConfigError(problems, "run config vs DeepSpeed config")
-    return p
+                precision, ds, tuple(notes)), problems + more
 
 
 def fill_zero_auto(ds: dict, hidden: int | None) -> None:

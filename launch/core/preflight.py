@@ -48,6 +48,8 @@ def show(dry: Preflight, cfg, info: dist.DistInfo, p: Plan, model: Model | None,
     first = p.phases[0]
     print(f"batch         global {p.global_batch} = micro {first.micro} x accumulation {p.accum} x world "
           f"{info.world_size}; {workers} dataloader worker(s) per rank")
+    for note in p.notes:
+        print(f"  note: {note}")
     slots = sum(ph.global_batch * ph.block_size * (ph.end - ph.start) for ph in p.phases if ph.block_size)
     print(f"steps         {p.total_steps}" + (f" ({p.steps_per_epoch} per epoch)" if p.steps_per_epoch else "")
           + (f" = {count(slots)} token slots" if slots else "")

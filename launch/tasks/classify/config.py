@@ -82,7 +82,10 @@ class FinetuneTrainConfig(TrainConfig):
     epochs: float = 3.0
     """Passes over the training file."""
     micro_batch_size: int = 32
-    """Examples per rank per forward pass."""
+    """Examples per rank per forward pass, at most (a memory setting: the largest that divides the global batch's
+    share of one rank is used)."""
+    global_batch_size: int | None = 32
+    """Examples per optimizer step over all ranks: the recipe, the same at any GPU count (the BERT paper's 32)."""
     lr: float = 5e-5
     """Peak learning rate."""
     weight_decay: float = 0.0

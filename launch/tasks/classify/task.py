@@ -22,7 +22,7 @@ class ClassifyTask:
         self.cfg, self.info, self.d, self.accum = cfg, info, data, p.accum
         self.arch, self.num_labels = arch_of(hf_config), data.labels.num_labels
         self.regression = data.labels.kind == "regression"
-        self.micro, self.world = cfg.train.micro_batch_size, info.world_size
+        self.micro, self.world = p.phases[0].micro, info.world_size  # the micro-batch fitted to this world size
         self.global_batch = p.global_batch
         self.steps_per_epoch = p.steps_per_epoch
         self.total_steps = p.total_steps

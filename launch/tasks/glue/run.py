@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bertlaunch.core import configlib, dist
 from bertlaunch.core.assemble import assemble, log0
+from bertlaunch.core.assemble import plan_problems as assemble_plan_problems
 from bertlaunch.core.exits import EXIT_REQUEUE
 from bertlaunch.core.preflight import Preflight
 from bertlaunch.core.secrets import write_config
@@ -43,6 +44,19 @@ def run(cfg: GlueConfig, info: dist.DistInfo) -> int:
             f"{Path(cfg.output_dir) / 'submission'} and submission.zip")
     failed = [o.code for o in outcomes.values() if o.code]
     return failed[0] if failed else 0
+
+
+def plan_problems(cfg: GlueConfig, world_size: int) -> list[str]:
+    """Every task's batch plan at this world size (its fine-tuning config with its overrides); a problem that
+    several tasks share is listed once, with their names."""
+    tasks: dict[str, list[str]] = {}
+    for r in suite.runs(cfg)[::max(len(cfg.glue.seeds), 1)]:
+        try:
+            for p in assemble_plan_problems(FINETUNE, finetune_config(cfg, r, False), world_size):
+                tasks.setdefault(p, []).append(r.task.name)
+        except configlib.ConfigError:
+            pass  # the config check lists it
+    return [f"{', '.join(names)}: {p}" for p, names in tasks.items()]
 
 
 def dry_run(cfg: GlueConfig, info: dist.DistInfo) -> int:

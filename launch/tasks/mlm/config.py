@@ -20,6 +20,8 @@ from bertlaunch.core.configlib import REQUIRED
 from bertlaunch.core.plan import PhaseSpec
 from bertlaunch.data.corpus.storage import configure, is_remote
 
+DEFAULT_STEPS = 1000  # train.max_steps when no length is given
+
 
 @dataclass
 class SourceConfig:
@@ -99,6 +101,9 @@ class PhaseConfig:
 
 @dataclass
 class PretrainTrainConfig(TrainConfig):
+    max_steps: int | None = None
+    """Optimizer steps to train for (null: 1000). Set one length: train.max_steps, train.max_tokens or
+    train.phases; with train.time_budget_h it is the cap (and the schedule's reference length)."""
     max_tokens: int | None = None
     """Train on this many token slots (global batch x data.block_size per step); sets the step count
     instead of train.max_steps, so the budget stays the same at any number of GPUs."""
@@ -137,7 +142,8 @@ class PretrainConfig:
         """The run's phases for the plan: train.phases, or the whole run as one phase."""
         t = self.train
         if not t.phases:
-            return [PhaseSpec(t.max_steps, t.max_tokens, self.data.block_size)]
+            steps = t.max_steps if t.max_steps is not None else (None if t.max_tokens else DEFAULT_STEPS)
+            return [PhaseSpec(steps, t.max_tokens, self.data.block_size)]
         return [PhaseSpec(ph.steps, ph.tokens, ph.block_size, ph.micro_batch_size, ph.global_batch_size)
                 for ph in t.phases]
 
@@ -196,6 +202,11 @@ class PretrainConfig:
                 p.append(f"train.phases[{i}].block_size must be at least 8, got {ph.block_size}")
         if t.phases and t.max_tokens:
             p.append("train.max_tokens does not apply with train.phases (each phase has its steps or tokens)")
+        if t.phases and t.max_steps:
+            p.append("train.max_steps does not apply with train.phases (each phase has its steps or tokens)")
+        if t.max_steps and t.max_tokens:
+            p.append("set one of train.max_steps or train.max_tokens (a token budget sets the step count: "
+                     "global batch x block size per step)")
         warmups = [k for k, on in (("warmup_steps", t.warmup_steps), ("warmup_ratio", t.warmup_ratio),
                                    ("warmup_tokens", t.warmup_tokens)) if on]
         if len(warmups) > 1:
