@@ -7,9 +7,13 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-pip install -q --upgrade pip setuptools wheel
-pip install -q -c constraints-cpu.txt torch
+# torch through pip: the CPU build lies on this kind of machine's disk, where pip finds it (uv does not look there)
+python -c "import torch" >/dev/null 2>&1 || pip install -q -c constraints-cpu.txt torch
+# the rest through uv when it can be had (the same packages and pins, a few times faster than pip), else pip;
+# torch is already installed and pinned by constraints-cpu.txt, so neither installer can move it
+INSTALL="pip install -q"
+if pip install -q uv >/dev/null 2>&1; then INSTALL="uv pip install -q"; fi
 # DeepSpeed ships as source: build it against the torch above (build isolation would fetch a CUDA torch)
-python -c "import deepspeed" >/dev/null 2>&1 || pip install -q --no-build-isolation -c constraints-cpu.txt deepspeed
-pip install -q -c constraints-cpu.txt -e ".[dev,report]"
+python -c "import deepspeed" >/dev/null 2>&1 || $INSTALL --no-build-isolation -c constraints-cpu.txt deepspeed
+$INSTALL -c constraints-cpu.txt -e ".[dev,report]"
 echo "setup.sh: ready (.venv)"
