@@ -77,12 +77,12 @@ def test_an_error_in_a_loader_worker_mid_run_exits_2_with_its_message(tmp_path, 
     bad = b"\ndoc1400 bad \xff byte\n"
     corpus.write_bytes("\n".join(lines[:1400]).encode() + bad + "\n".join(lines[1401:]).encode())
     r = inproc("pretrain", pretrain_cfg([corpus], {"data.txt_documents": "line", "data.num_workers": 1,
-                                                   "train.micro_batch_size": 16, "train.max_steps": 100,
+                                                   "train.micro_batch_size": 64, "train.max_steps": 40,
                                                    "checkpoint.every": 0}), check=False)
     assert r.returncode == 2, r.stderr[-3000:]
     assert f"{corpus}: line 1401 (byte" in r.stderr and "is not valid UTF-8" in r.stderr
     assert "set data.encoding_errors=replace" in r.stderr
-    assert 10 < max(row["step"] for row in read_metrics(tmp_path / "out")) < 100  # it failed mid-run
+    assert 2 < max(row["step"] for row in read_metrics(tmp_path / "out")) < 40  # it failed mid-run
 
 
 def test_non_utf8_replace_is_counted(tmp_path, pretrain_cfg, inproc):

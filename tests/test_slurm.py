@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import REPO, assert_resumed, compare, env, last_step, losses, run
+from tests.helpers import REPO, assert_resumed, compare, env, last_step, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -101,15 +101,19 @@ def two_nodes() -> list[str]:
     return sorted(nodes)[:2]
 
 
-def test_two_nodes_match_one_machine_through_preemption_and_torchrun(tmp_path, tiny_config, corpus):
+def two_node_config(tiny_config, corpus):
+    # a constant lr: a shorter run's losses are the first ones of a longer run (the torchrun check)
+    return tiny_config("pretrain", {"data.train_files": [corpus(600)], "train.max_steps": 16, "train.warmup_steps": 0,
+                                    "train.schedule": "constant", "deepspeed.config": "ds_configs/zero2.json",
+                                    "log.wandb.mode": "offline", "checkpoint.every": 4, "checkpoint.keep_last": 2})
+
+
+def test_two_nodes_match_one_machine_through_preemption(tmp_path, tiny_config, corpus):
     """sbatch --nodes=2 --ntasks-per-node=1 trains bit-identically to 2 ranks on one machine (which srun's ranks
     on one node also match), also when preempted mid-run (USR1 to the batch script, checkpoint, exit 75,
-    requeue, resume on both nodes); and so does torchrun --nnodes 2 across the two nodes."""
+    requeue, resume on both nodes)."""
     nodes = two_nodes()
-    # a constant lr: a shorter run's losses are the first ones of a longer run (the torchrun check below)
-    cfg = tiny_config("pretrain", {"data.train_files": [corpus(600)], "train.max_steps": 16, "train.warmup_steps": 0,
-                                   "train.schedule": "constant", "deepspeed.config": "ds_configs/zero2.json",
-                                   "log.wandb.mode": "offline", "checkpoint.every": 4, "checkpoint.keep_last": 2})
+    cfg = two_node_config(tiny_config, corpus)
     one_node, two_node = tmp_path / "one_node", tmp_path / "two_node"
     run("pretrain", 2, cfg, [f"output_dir={one_node}", "log.wandb.mode=disabled"])
     job = sbatch("pretrain.sbatch", [str(cfg), f"output_dir={two_node}"], ["--nodes=2", "--ntasks-per-node=1"],
@@ -129,8 +133,16 @@ def test_two_nodes_match_one_machine_through_preemption_and_torchrun(tmp_path, t
     # the requeued job continued the same (offline) wandb run
     runs = {p.name.rsplit("-", 1)[-1] for p in (two_node / "wandb").glob("offline-run-*")}
     assert len(runs) == 1
-    # without SLURM: torchrun --nnodes 2 (c10d rendezvous on node1), one agent in each node's namespaces
-    with_torchrun = tmp_path / "torchrun"
+
+
+@pytest.mark.skipif(os.environ.get("BERTLAUNCH_FULL") != "1", reason="CI time (about 40 s): BERTLAUNCH_FULL=1 runs "
+                    "it; the 2-node bit-identity is checked through sbatch above, torchrun's variables in test_dist.py")
+def test_torchrun_across_two_nodes_matches_one_machine(tmp_path, tiny_config, corpus):
+    """Without SLURM: torchrun --nnodes 2 (c10d rendezvous on node1), one agent in each node's namespaces."""
+    nodes = two_nodes()
+    cfg = two_node_config(tiny_config, corpus)
+    one_node, with_torchrun = tmp_path / "one_node", tmp_path / "torchrun"
+    run("pretrain", 2, cfg, [f"output_dir={one_node}", "log.wandb.mode=disabled", "train.max_steps=6"])
     agents = [subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{node}", "unshare", "--uts", "sh", "-c",
          f"hostname {node} && exec {REPO}/.venv/bin/python -m torch.distributed.run --nnodes 2 --nproc_per_node 1 "
@@ -139,7 +151,7 @@ def test_two_nodes_match_one_machine_through_preemption_and_torchrun(tmp_path, t
         cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in nodes]
     outs = [a.communicate(timeout=600)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    assert losses(with_torchrun) == {step: v for step, v in losses(one_node).items() if step <= 6}
+    assert compare(one_node, with_torchrun) == []
 
 
 def kill_rank_1_in_step_5(job: str, out, tmp_path) -> str:

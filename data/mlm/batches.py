@@ -201,29 +201,44 @@ class Loader:
     def __iter__(self):
         pin = torch.cuda.is_available()
         batches = iter(self.dataloader)
-        _WORKERS[:] = [w for w in _WORKERS if w.is_alive()] + list(getattr(batches, "_workers", ()))
-        for batch in batches:
-            if "wire" in batch:
-                batch = from_wire(*batch["wire"], batch["meta"])
-            if pin:  # batches made in this process (no workers) too
-                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            yield batch
+        mine = list(getattr(batches, "_workers", ()))
+        _WORKERS[:] = [w for w in _WORKERS if w.is_alive()] + mine
+        try:
+            for batch in batches:
+                if "wire" in batch:
+                    batch = from_wire(*batch["wire"], batch["meta"])
+                if pin:  # batches made in this process (no workers) too
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                yield batch
+        except Exception:  # a worker's error (bad input): the run ends, and so do its workers, at once
+            kill(mine)
+            raise
 
 
 _WORKERS: list = []  # this process's loader worker processes (multiprocessing.Process), for _kill_workers
 
 
-@atexit.register  # after multiprocessing's own exit handler was registered (on import): runs before it
-def _kill_workers() -> None:
-    """Workers ignore SIGTERM (below). multiprocessing's exit handler ends daemon children with SIGTERM and then
-    joins them, so a training process leaving on an error with its loader still open (a dead peer rank, any
-    crash) would wait forever for its workers. They hold nothing to save: kill them first (with torch's
-    SIGCHLD handler, which reports a killed worker as an error, put back to the default)."""
-    alive = [w for w in _WORKERS if w.is_alive()]
-    if alive:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+def kill(workers: list) -> None:
+    """Workers ignore SIGTERM (below) and hold nothing to save: SIGKILL them and reap them. torch's SIGCHLD
+    handler, which would report a killed worker as an error of its own, is set aside meanwhile. (Left to the
+    DataLoader, ending them takes 2 x 5 s of join timeouts after a worker's error.)"""
+    alive = [w for w in workers if w.is_alive()]
+    if not alive:
+        return
+    previous = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for w in alive:
         os.kill(w.pid, signal.SIGKILL)
+    for w in alive:
+        w.join()
+    signal.signal(signal.SIGCHLD, previous)
+
+
+@atexit.register  # after multiprocessing's own exit handler was registered (on import): runs before it
+def _kill_workers() -> None:
+    """multiprocessing's exit handler ends daemon children with SIGTERM and then joins them, so a training process
+    leaving on an error with its loader still open (a dead peer rank, any crash) would wait forever for its
+    workers: kill them first."""
+    kill(_WORKERS)
 
 
 def ignore_stop_signals(_worker_id: int, parent: int | None = None) -> None:
