@@ -47,7 +47,7 @@ def show(dry: Preflight, cfg, info: dist.DistInfo, p: Plan, model: Model | None,
           + (f"; {len(nodes)} node(s): {', '.join(nodes)} (this rank on {socket.gethostname()})" if nodes else ""))
     first = p.phases[0]
     print(f"batch         global {p.global_batch} = micro {first.micro} x accumulation {p.accum} x world "
-          f"{info.world_size}; {workers} dataloader worker(s) per rank")
+          f"{info.world_size}; {workers} data stream(s) per rank")
     for note in p.notes:
         print(f"  note: {note}")
     slots = sum(ph.global_batch * ph.block_size * (ph.end - ph.start) for ph in p.phases if ph.block_size)
