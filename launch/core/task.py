@@ -98,9 +98,9 @@ class TaskSpec(Protocol, Generic[Cfg, Tok, Data]):
     def data(self, cfg: Cfg, tok: Tok, info: DistInfo) -> Data:
         """The training (and eval) data, found, read as far as needed and checked for `info`'s ranks."""
 
-    def model(self, cfg: Cfg, tok: Tok, data: Data | None, meta: bool) -> Model:
+    def model(self, cfg: Cfg, tok: Tok, data: Data | None, meta: bool) -> Model | None:
         """The model, seeded already (same weights on every rank); meta=True: on the meta device (dry run).
-        `data` is None when it failed in a dry run: raise when the model needs it."""
+        `data` is None when it failed in a dry run (its problem is listed): return None when the model needs it."""
 
     def plan_args(self, cfg: Cfg, data: Data | None) -> dict:
         """make_plan's task arguments: fine-tuning's examples and epochs, or pretraining's phases."""
