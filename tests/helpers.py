@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -227,6 +228,11 @@ def run_and_kill(entry: str, ranks: int, config, overrides, out_dir: Path, kill_
     if resumes_from is not None:
         assert_resumed(job.output(), out_dir, resumes_from)
     return committed_step(out_dir)
+
+
+def saved_on_signal(output: str) -> int:
+    """The step a run stopped by SIGTERM/SIGUSR1 checkpointed, from its own log."""
+    return int(re.search(r"signal received: checkpoint saved at step (\d+)", output).group(1))
 
 
 def assert_resumed(output: str, out_dir: Path, step: int) -> None:

@@ -17,7 +17,7 @@ from bertlaunch.data.tables.glue import TASKS, lookup, unknown_task_message
 from bertlaunch.tasks.classify.scores import matthews
 from bertlaunch.tools.report import main as report_main
 from bertlaunch.tools.summary import main as summary_main
-from tests.helpers import Job, compare, write_glue
+from tests.helpers import Job, assert_resumed, committed_step, compare, saved_on_signal, write_glue
 
 SUITE = {"glue.tasks": ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"], "glue.seeds": [1, 2], "glue.from_mnli": ["RTE"],
          "checkpoint.every": 2, "glue.max_train_examples": 40, "glue.overrides": {"cola": {"train": {"lr": 3e-3}}}}
@@ -162,14 +162,16 @@ def test_a_preempted_then_killed_suite_resumes_bit_identically(suite):
     job.kill(signal.SIGTERM)
     assert job.wait(120) == 75, job.output()[-3000:]
     assert not (again / "MNLI/seed_1/eval_results.json").exists()
+    mnli_step = saved_on_signal(job.output())
     job = Job("glue", 0, suite.cfg, over)
     job.wait_until(committed(again / "RTE/seed_1"), 120, "a committed RTE checkpoint")
     job.kill()
-    assert "resumed from " + str(again / "MNLI/seed_1/checkpoints/step_") in job.output()
+    assert_resumed(job.output(), again / "MNLI/seed_1", mnli_step)
     assert not (again / "RTE/seed_1/eval_results.json").exists()
+    rte_step = committed_step(again / "RTE/seed_1")
     job = Job("glue", 0, suite.cfg, over)
     assert job.wait(180) == 0, job.output()[-3000:]
-    assert "resumed from " + str(again / "RTE/seed_1/checkpoints/step_") in job.output()
+    assert_resumed(job.output(), again / "RTE/seed_1", rte_step)
     for run in ("MNLI/seed_1", "RTE/seed_1"):
         assert compare(suite.out / run, again / run) == [], run
         a, b = (json.loads((d / run / "eval_results.json").read_text())["best"] for d in (again, suite.out))

@@ -170,7 +170,9 @@ def test_two_ranks_kill_resume_and_resize_on_a_gz_and_parquet_mixture(tmp_path, 
     assert_resumed(run("pretrain", 2, cfg, [f"output_dir={killed}"]).stdout, killed, step)
     assert compare(straight, killed) == []
 
-    assert "resized from 2 rank(s)" in run("pretrain", 3, cfg, [f"output_dir={resized}"]).stdout
+    proc = run("pretrain", 3, cfg, [f"output_dir={resized}"])
+    assert_resumed(proc.stdout, resized, step)
+    assert "resized from 2 rank(s)" in proc.stdout
     trainer = json.loads((list_checkpoints(resized / "checkpoints")[-1][1] / "trainer.json").read_text())
     truth, seen = doc_tokens(web + [str(wiki)], load_spec("bert-base-uncased")), audited_tokens(resized)
     for name, files in (("web", range(0, 2)), ("wiki", range(2, 3))):

@@ -22,6 +22,7 @@ from tests.helpers import (
     read_metrics,
     run,
     run_and_kill,
+    saved_on_signal,
 )
 
 PHASES = [{"steps": 6, "block_size": 32}, {"steps": 6, "block_size": 64, "micro_batch_size": 4,
@@ -152,7 +153,7 @@ def test_time_budget_stops_at_the_budget_with_the_lr_at_its_floor(tmp_path, tiny
     job.kill(signal.SIGTERM)
     assert job.wait(60) == 75
     proc = run("pretrain", 0, cfg, [])
-    assert "resumed from" in proc.stdout
+    assert_resumed(proc.stdout, out, saved_on_signal(job.output()))
     rows = [r for r in read_metrics(out) if "loss" in r]
     assert rows[-1]["time"] >= 5.0 > rows[-2]["time"]  # stopped within one step of the budget
     assert rows[-1]["lr"] == pytest.approx(0.1 * 2e-3)  # the floor: train.min_lr_ratio x train.lr

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import REPO, assert_resumed, compare, env, last_step, run
+from tests.helpers import REPO, assert_resumed, compare, env, last_step, run, saved_on_signal
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -125,8 +125,7 @@ def test_two_nodes_match_one_machine_through_preemption(tmp_path, tiny_config, c
     log = log_of(tmp_path, job)
     assert f"on {nodes[0][:-1]}[1-2]" in log or f"on {','.join(nodes)}" in log, log[:500]
     assert "ranks exited with code 75" in log and "requeueing job" in log
-    saved = int(re.search(r"signal received: checkpoint saved at step (\d+)", log).group(1))
-    assert_resumed(log, two_node, saved)  # the requeued job's own line
+    assert_resumed(log, two_node, saved_on_signal(log))  # the requeued job's own line
     assert compare(one_node, two_node) == []  # losses and final weights bit-identical across nodes and preemption
     trainers = sorted((two_node / "checkpoints").glob("step_*/trainer.json"))
     assert json.loads(trainers[-1].read_text())["world_size"] == 2
