@@ -14,7 +14,7 @@ from transformers import (
     ModernBertConfig,
     ModernBertForMaskedLM,
 )
-from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from bertlaunch.model.presets import ALL_PRESETS, MODERNBERT_GLOBAL_EVERY, MODERNBERT_WINDOW, family
 
@@ -152,17 +152,23 @@ def load_mlm(model_cfg, spec, model_dir: str | None, meta: bool = False):
         if meta:
             config.vocab_size = padded_vocab(config.vocab_size, model_cfg.pad_vocab_to_multiple_of)
             with torch.device("meta"):
-                model = AutoModelForMaskedLM.from_config(config, attn_implementation=model_cfg.attn_implementation,
-                                                         trust_remote_code=model_cfg.trust_remote_code)
+                model = AutoModelForMaskedLM.from_config(config, attn_implementation=attention_kernel(
+                    config, model_cfg.attn_implementation), trust_remote_code=model_cfg.trust_remote_code)
         else:
             model = AutoModelForMaskedLM.from_pretrained(model_dir, config=config, attn_implementation=
-                                                         model_cfg.attn_implementation,
+                                                         attention_kernel(config, model_cfg.attn_implementation),
                                                          trust_remote_code=model_cfg.trust_remote_code)
             pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
         config = model.config
     check_vocab(model.get_input_embeddings().num_embeddings, spec.vocab_size,
                 model_dir or f"preset {model_cfg.preset}")
     return model, config
+
+
+def attention_kernel(config, wanted: str, mapping=MODEL_FOR_MASKED_LM_MAPPING) -> str:
+    """model.attn_implementation, or eager for a model class without SDPA attention (DeBERTa-v2)."""
+    cls = mapping[type(config)] if type(config) in mapping else None
+    return "eager" if wanted == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", True) else wanted
 
 
 def check_masked_lm(config, model_dir: str, remote_code: bool) -> None:

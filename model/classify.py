@@ -11,10 +11,13 @@ from transformers import (
     BertForSequenceClassification,
     ModernBertForSequenceClassification,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-from bertlaunch.model.build import check_vocab, configure, pad_embeddings, padded_vocab, preset_config
+from bertlaunch.model.build import attention_kernel, check_vocab, configure, pad_embeddings, padded_vocab, preset_config
 from bertlaunch.model.presets import family
 from bertlaunch.model.unpadded import classify_packed
+
+MAPPING = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 
 def load_classifier(model_cfg, model_dir: str | None, num_labels: int, id2label: dict | None, regression: bool,
@@ -39,11 +42,12 @@ def load_classifier(model_cfg, model_dir: str | None, num_labels: int, id2label:
             config.vocab_size = padded_vocab(config.vocab_size, model_cfg.pad_vocab_to_multiple_of)
             with torch.device("meta"):
                 model = AutoModelForSequenceClassification.from_config(
-                    config, attn_implementation=model_cfg.attn_implementation,
+                    config, attn_implementation=attention_kernel(config, model_cfg.attn_implementation, MAPPING),
                     trust_remote_code=model_cfg.trust_remote_code)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, config=config, attn_implementation=model_cfg.attn_implementation,
+                model_dir, config=config, attn_implementation=attention_kernel(config, model_cfg.attn_implementation,
+                                                                               MAPPING),
                 trust_remote_code=model_cfg.trust_remote_code, ignore_mismatched_sizes=True)
             pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
         config = model.config
