@@ -105,17 +105,21 @@ def documents(doc_starts: torch.Tensor, rows: int, length: int) -> tuple[torch.T
     return seg.view(rows, length), pos.view(rows, length)
 
 
-def isolated_inputs(hf_model, input_ids: torch.Tensor, doc_starts: torch.Tensor, max_doc_len: int) -> dict:
+def isolated_inputs(hf_model, input_ids: torch.Tensor, doc_starts: torch.Tensor, max_doc_len: int,
+                    varlen: bool | None = None) -> dict:
     """The base model's keyword arguments for [B, L] packed blocks whose documents attend only to themselves,
-    positions restarting at each. On CUDA (with the varlen attention set): one [1, B*L] row + boundaries; else
-    a block-diagonal mask. The hidden states come out [B, L, H] or [1, B*L, H]: the same rows when flattened."""
+    positions restarting at each. varlen (default: on CUDA, with the varlen attention set): one [1, B*L] row +
+    boundaries; else a block-diagonal mask. The hidden states come out [B, L, H] or [1, B*L, H]: the same rows
+    when flattened."""
     config = hf_model.config
     rows, length = input_ids.shape
     seg, pos = documents(doc_starts, rows, length)
     if ISOLATING.get(config.model_type) == "offset":
         pos = pos + config.pad_token_id + 1
     modern = config.model_type == "modernbert"
-    if input_ids.is_cuda and config._attn_implementation == VARLEN:
+    if varlen is None:
+        varlen = input_ids.is_cuda and config._attn_implementation == VARLEN
+    if varlen:
         cu = torch.cat([doc_starts, doc_starts.new_tensor([rows * length])])
         return {"input_ids": input_ids.view(1, -1), "position_ids": pos.view(1, -1),
                 "attention_mask": {"full_attention": None, "sliding_attention": None} if modern else None,
