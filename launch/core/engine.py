@@ -132,6 +132,7 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
         ds_config.pop("optimizer")
         optimizer = StableAdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=weight_decay,
                                 decouple_lr=True, max_lr=p["lr"])
+        ds_config["zero_allow_untested_optimizer"] = True  # ZeRO 1-2 step it on their flat fp32 partitions
     elif kind == "lamb" and not torch.cuda.is_available():  # DeepSpeed's FusedLamb is a CUDA kernel
         ds_config.pop("optimizer")
         optimizer = Lamb(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=weight_decay)
