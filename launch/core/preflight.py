@@ -16,6 +16,7 @@ from bertlaunch.core.exits import EXIT_CONFIG, EXIT_OK
 from bertlaunch.core.plan import Plan
 from bertlaunch.core.task import Model, Resume
 from bertlaunch.model.build import rope_bases
+from bertlaunch.model.packed import VARLEN
 
 GIB = 1 << 30
 
@@ -116,13 +117,15 @@ def phase_settings(settings: dict, c) -> str:
 
 
 def memory_table(params: int, c, seq: int, micro: int, world: int, precision: str) -> str:
-    """Per-device estimate: weights/grads/optimizer by ZeRO stage + activations (no recomputation)."""
+    """Per-device estimate: weights/grads/optimizer by ZeRO stage + activations (no recomputation; GPU kernels)."""
     hidden, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
     p16 = 2 if precision in ("bf16", "fp16") else 4
     master = 12 if precision in ("bf16", "fp16") else 8  # fp32 master (when mixed) + Adam m, v
     model_states = {0: params * (p16 + p16 + master), 1: params * (p16 + p16 + master / world),
                     2: params * (p16 + (p16 + master) / world), 3: params * (p16 + p16 + master) / world}
-    act = layers * (34 * seq * micro * hidden + 5 * heads * seq * seq * micro) * (p16 / 2)
+    # the seq x seq scores are kept unless attention runs on variable-length FlashAttention (model/packed.py)
+    scores = 0 if getattr(c, "_attn_implementation", None) == VARLEN else 5 * heads * seq * seq * micro
+    act = layers * (34 * seq * micro * hidden + scores) * (p16 / 2)
     rows = [f"stage {s}: {(m + act) / GIB:6.2f} GiB (model states {m / GIB:.2f} + activations {act / GIB:.2f})"
             for s, m in model_states.items()]
     return "\n              ".join(rows)
