@@ -5,6 +5,10 @@
   hf_trainer   the same model through transformers' Trainer (bf16, adamw_torch_fused)
   ours_zeroN   our real training path (launch/core/assemble.py: streaming data workers, packing,
                masking, DeepSpeed engine ZeRO-N, bf16, sparse MLM head, torch.compile)
+ModernBERT-base at 1024 tokens (issue 23; goal on one H200: >= 400k tokens/s):
+  mb_plain     ModernBertForMaskedLM as transformers ships it (SDPA, dense head), autocast bf16, fused AdamW
+  mb:S:B[:f]   ours: model.preset=modernbert-base, block 1024, micro-batch B, ZeRO-S, bf16, documents isolated
+               (variable-length FlashAttention, model/packed.py), StableAdamW; flags: compile, noisolate
 
     python bench/gpu_pretrain.py --out DIR [--tokenizer DIR] [--tiny]   (--tiny: a CPU smoke test)
 Writes DIR/gpu_pretrain.jsonl. MFU: tokens/s x FLOP/token / 989.4 TFLOP/s (dense bf16, H100/H200);
@@ -62,14 +66,20 @@ def timed_steps(step, warm: int, steps: int, cuda: bool) -> float:
     return time.perf_counter() - t
 
 
-def hf_plain(batch: int, seq: int, steps: int, warm: int, tiny: bool, compile_: bool = False):
+def hf_plain(batch: int, seq: int, steps: int, warm: int, tiny: bool, compile_: bool = False, modern: bool = False):
     import torch
-    from transformers import BertForMaskedLM
+    from transformers import BertForMaskedLM, ModernBertForMaskedLM
+
+    from bertlaunch.model.build import preset_config
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
-    model = BertForMaskedLM(model_config(tiny)).to(dev)
+    if modern:
+        config = preset_config("modernbert-tiny" if tiny else "modernbert-base", 30528, 0, None, "sdpa", 101, 102)
+        model = ModernBertForMaskedLM(config).to(dev)
+    else:
+        model = BertForMaskedLM(model_config(tiny)).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     fwd = torch.compile(model) if compile_ else model
     ids = torch.randint(1000, 30000, (batch, seq), device=dev)
@@ -86,7 +96,8 @@ def hf_plain(batch: int, seq: int, steps: int, warm: int, tiny: bool, compile_: 
 
     dt = timed_steps(step, warm, steps, cuda)
     tps = steps * batch * seq / dt
-    emit(case="hf_plain" + ("_compiled" if compile_ else ""), batch=batch, tokens_per_s=round(tps),
+    emit(case=("mb_plain" if modern else "hf_plain") + ("_compiled" if compile_ else ""), batch=batch, seq=seq,
+         tokens_per_s=round(tps),
          mfu_668=round(tps * FLOP_668 / PEAK, 4), step_ms=round(1000 * dt / steps, 2),
          peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None)
     return tps
@@ -183,7 +194,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of this script")
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--cases", default="plain,ours:2:1,ours:2:1:nodrop,ours:0:1,ours:2:2:nodrop,trainer,ours:1:1,"
-                                      "ours:3:1")
+                                      "ours:3:1,mb_plain,mb:1:64,mb:1:64:compile,mb:1:64:noisolate")
     args = p.parse_args()
     OUT = Path(args.out)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -217,11 +228,27 @@ def main() -> None:
         return lambda: ours(stage, batch * int(mult), seq, steps, args.tiny, args.tokenizer, workers,
                             cuda and stage != 3, info, extra, tag="_".join(flags))
 
+    mb_seq = 64 if args.tiny else 1024
+
+    def mb_case(spec: str):
+        """mb:<stage>:<micro-batch at 1024 tokens (tiny: 8)>[:flags joined by +]; flags: compile, noisolate."""
+        _, stage, micro, *flags = spec.split(":")
+        flags = flags[0].split("+") if flags and flags[0] else []
+        extra = ("model.preset=" + ("modernbert-tiny" if args.tiny else "modernbert-base"),
+                 "data.isolate_documents=" + str("noisolate" not in flags).lower(), "train.optimizer=stableadamw",
+                 "train.nan_check=log_steps", "model.pad_vocab_to_multiple_of=64")
+        stage = int(stage)
+        return lambda: ours(stage, 8 if args.tiny else int(micro), mb_seq, steps, args.tiny, args.tokenizer, workers,
+                            cuda and "compile" in flags, info, extra, tag="_".join(["mb", *flags]))
+
     runners = {
         "plain": lambda: hf_plain(batch, seq, 30 if not args.tiny else 4, 10 if not args.tiny else 2, args.tiny),
+        "mb_plain": lambda: hf_plain(8 if args.tiny else 32, mb_seq, 30 if not args.tiny else 4,
+                                     10 if not args.tiny else 2, args.tiny, modern=True),
         "trainer": lambda: hf_trainer(batch, seq, 30 if not args.tiny else 4, 10 if not args.tiny else 2, args.tiny),
     }
     runners.update({c: ours_case(c) for c in cases if c.startswith("ours:")})
+    runners.update({c: mb_case(c) for c in cases if c.startswith("mb:")})
     results = {}
     for name in cases:
         try:
@@ -243,6 +270,11 @@ def main() -> None:
     if "plain" in results:
         results = {k: v for k, v in results.items() if v}
         emit(summary={k: round(v / results["plain"], 3) for k, v in results.items()}, note="tokens/s vs hf_plain")
+    mb = {k: v for k, v in results.items() if k.startswith("mb") and v}
+    if mb:
+        emit(summary_modernbert={k: round(v) for k, v in mb.items()}, goal="ours >= 400k tokens/s on one H200",
+             best=round(max(v for k, v in mb.items() if k.startswith("mb:")), 0) if len(mb) > ("mb_plain" in mb)
+             else None)
     dist.destroy()
 
 

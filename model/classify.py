@@ -5,10 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, BertForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    BertForSequenceClassification,
+    ModernBertForSequenceClassification,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
-from bertlaunch.model.build import apply_dropout, check_vocab, pad_embeddings, padded_vocab, preset_config
+from bertlaunch.model.build import attention_kernel, check_vocab, configure, pad_embeddings, padded_vocab, preset_config
+from bertlaunch.model.presets import family
 from bertlaunch.model.unpadded import classify_packed
+
+MAPPING = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
 
 
 def load_classifier(model_cfg, model_dir: str | None, num_labels: int, id2label: dict | None, regression: bool,
@@ -22,21 +31,23 @@ def load_classifier(model_cfg, model_dir: str | None, num_labels: int, id2label:
         config = preset_config(model_cfg.preset, padded_vocab(vocab_size, model_cfg.pad_vocab_to_multiple_of), pad_id,
                                model_cfg.max_position_embeddings, model_cfg.attn_implementation)
         config.update(labels)
-        apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
+        configure(config, model_cfg)
+        modern = family(model_cfg.preset) == "modernbert"
         with torch.device("meta" if meta else "cpu"):
-            model = BertForSequenceClassification(config)
+            model = (ModernBertForSequenceClassification if modern else BertForSequenceClassification)(config)
     else:
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=model_cfg.trust_remote_code, **labels)
-        apply_dropout(config, model_cfg.hidden_dropout, model_cfg.attention_dropout)
+        configure(config, model_cfg)
         if meta:
             config.vocab_size = padded_vocab(config.vocab_size, model_cfg.pad_vocab_to_multiple_of)
             with torch.device("meta"):
                 model = AutoModelForSequenceClassification.from_config(
-                    config, attn_implementation=model_cfg.attn_implementation,
+                    config, attn_implementation=attention_kernel(config, model_cfg.attn_implementation, MAPPING),
                     trust_remote_code=model_cfg.trust_remote_code)
         else:
             model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, config=config, attn_implementation=model_cfg.attn_implementation,
+                model_dir, config=config, attn_implementation=attention_kernel(config, model_cfg.attn_implementation,
+                                                                               MAPPING),
                 trust_remote_code=model_cfg.trust_remote_code, ignore_mismatched_sizes=True)
             pad_embeddings(model, model_cfg.pad_vocab_to_multiple_of)
         config = model.config

@@ -11,6 +11,10 @@ positions instead of T.
 The Hugging Face modules and weights are used as they are (embeddings, query/key/value, the attention
 output block, the intermediate and output blocks, pooler, classifier): a checkpoint is the same in both
 paths, and so are the results, up to floating-point summation order.
+
+ModernBERT runs its own unpadded path: its model class takes the packed tokens as one [1, T] row with the
+sequence boundaries, and its attention goes through model/packed.py (variable-length FlashAttention with its
+local windows on GPUs; each sequence padded inside the attention only, elsewhere).
 """
 
 from __future__ import annotations
@@ -20,17 +24,24 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertForSequenceClassification
+from transformers import BertForSequenceClassification, ModernBertForSequenceClassification
+
+from bertlaunch.model.packed import use_varlen
 
 # raised from inside torch's jagged-layout SDPA on the CPU, which is the layout it recommends: noise in run logs
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 
 def check_unpadded(hf_model: nn.Module) -> None:
-    """ValueError (naming the key and the fix) unless `hf_model` can run pad-free."""
+    """ValueError (naming the key and the fix) unless `hf_model` can run pad-free; a ModernBERT is set to the
+    varlen attention here."""
     cfg, why = hf_model.config, None
+    if isinstance(hf_model, ModernBertForSequenceClassification):
+        use_varlen(hf_model)
+        return
     if not isinstance(hf_model, BertForSequenceClassification):
-        why = f"the model is a {type(hf_model).__name__}, not a BertForSequenceClassification (BERT, MiniLM, ...)"
+        why = (f"the model is a {type(hf_model).__name__}, not a BertForSequenceClassification (BERT, MiniLM, ...) "
+               "or a ModernBertForSequenceClassification")
     elif getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         why = f"the model has position_embedding_type={cfg.position_embedding_type} (only absolute positions)"
     if why:
@@ -54,6 +65,8 @@ def attention(layer: nn.Module, h: torch.Tensor, offsets: torch.Tensor, max_len:
 def classify_packed(hf_model: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
                     position_ids: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
     """Logits [B, C] from packed int64[T] ids / token types / positions (0..n_i-1 within each sequence)."""
+    if isinstance(hf_model, ModernBertForSequenceClassification):
+        return modernbert_packed(hf_model, input_ids, position_ids, offsets, max_len)
     bert = hf_model.bert
     h = bert.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None],
                         position_ids=position_ids[None])[0]  # [T, H]
@@ -63,3 +76,20 @@ def classify_packed(hf_model: nn.Module, input_ids: torch.Tensor, token_type_ids
     first = h.index_select(0, offsets[:-1])  # [B, H]: each sequence's [CLS]
     pooled = bert.pooler(first[:, None, :]) if bert.pooler is not None else first
     return hf_model.classifier(hf_model.dropout(pooled))
+
+
+def modernbert_packed(hf_model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+    """ModernBertForSequenceClassification's forward on packed sequences: the same modules, pooling ("cls": each
+    sequence's first token, "mean": its mean), head, dropout and classifier."""
+    h = hf_model.model(input_ids=input_ids[None], position_ids=position_ids[None],
+                       attention_mask={"full_attention": None, "sliding_attention": None},
+                       cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=max_len,
+                       max_length_k=max_len).last_hidden_state[0]  # [T, H]
+    if hf_model.config.classifier_pooling == "cls":
+        pooled = h.index_select(0, offsets[:-1])
+    else:
+        lens = offsets[1:] - offsets[:-1]
+        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=h.device), lens, output_size=h.shape[0])
+        pooled = h.new_zeros(lens.numel(), h.shape[1]).index_add(0, seq, h) / lens[:, None].to(h.dtype)
+    return hf_model.classifier(hf_model.drop(hf_model.head(pooled)))

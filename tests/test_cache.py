@@ -162,3 +162,23 @@ def test_prepare_cli_builds_the_same_cache(cached, tmp_path, capsys):
     assert f"token cache {tmp_path / 'c2'}: {meta['n_tokens']} tokens, {meta['n_docs']} documents" in \
         capsys.readouterr().out
     assert cli.main(["--out", str(tmp_path / "c3")]) == 2
+
+
+def test_cache_document_starts_equal_streaming(cached, spec):
+    """data.isolate_documents: a token-cache piece holds many documents and its blocks come in runs; where the
+    documents start in each block is the same as when streaming the text one block at a time."""
+    files, cache, _ = cached
+
+    def starts(readers, sizes, run):
+        stream = TextStream(readers, sizes, spec, block_size=32, last_block="pad", state=StreamState(0, 1),
+                            finite=True, doc_starts=True)
+        stream.max_run, out = run, []
+        for b in stream:
+            k = b.count or 1
+            out += [b.starts[(b.starts >= j * 32) & (b.starts < (j + 1) * 32)].tolist() for j in range(k)]
+            out[-k:] = [[x - j * 32 for x in row] for j, row in enumerate(out[-k:])]
+        return out
+
+    text = starts(text_readers(files, "blank_line", "text", 1 << 20, "strict"), file_sizes(files), 1)
+    runs = starts(cache_readers(cache), shard_names_and_sizes(cache)[1], 8)
+    assert runs == text and sum(map(len, text)) == 383  # every document's start, once

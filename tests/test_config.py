@@ -59,7 +59,7 @@ def test_cross_field_validation_reports_everything(tmp_path):
     with pytest.raises(configlib.ConfigError) as e:
         load_pretrain(str(path))
     msg = str(e.value)
-    for fragment in ("missing required key 'output_dir'", "model.preset 'huge' is not one of",
+    for fragment in ("missing required key 'output_dir'", "model.preset 'huge' is not a preset",
                      "data.train_files: 'nope/*.txt' matches no file", "data.mlm_probability must be in (0, 1)",
                      "deepspeed.config: 'ds_configs/zero9.json' does not exist"):
         assert fragment in msg, fragment

@@ -20,7 +20,7 @@ def entry_of(name: str) -> str:
 def stand_ins(name: str, tmp_path) -> list[str]:
     """Overrides that point a config whose data is not in ../shared (the web-scale recipes) at a generated corpus,
     or a fine-tuning that starts from another run's output at the packaged model."""
-    if name in ("bert_base.yaml", "bert_large_phases.yaml"):
+    if name in ("bert_base.yaml", "bert_large_phases.yaml", "modernbert_base.yaml"):
         corpus = tmp_path / "corpus.txt"
         corpus.write_text("a river of stone and light\n\nthe garden window and the paper house\n" * 3000)
         return [f"data.train_files=[{corpus}]", "data.num_workers=1"]

@@ -1,5 +1,7 @@
 """The SIGKILL matrix, on 2 CPU ranks: pretraining x ZeRO 0-3 and fine-tuning x ZeRO 0-3, padded and pad-free
-(and pretraining at ZeRO 0 killed twice).
+(and pretraining at ZeRO 0 killed twice). Pretraining at ZeRO 1 and 2 runs ModernBERT's recipe on a tiny ModernBERT:
+documents isolated in the packed blocks, StableAdamW, a batch-size warmup (the checkpoint of step 3 lies inside it),
+30% masking, then a phase at twice the length with a new RoPE base.
 
 Each case: a straight run; the same run SIGKILLed (the whole job, loader workers included) at a random step after
 its first checkpoint, checked to be alive when killed and never finished; the same command again, whose own log
@@ -21,6 +23,15 @@ from tests.helpers import assert_resumed, compare, make_corpus, read_metrics, ru
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 8, 3  # pretraining: steps, checkpoint interval
+MODERN = (1, 2)  # the ZeRO stages whose pretraining case is ModernBERT's recipe
+# batch warmup 8 -> 16 in 2 stages of 1024 token slots (2 + 2 steps: the checkpoint of step 3 is inside it), the rest
+# of phase 0 (3 steps at 16 x 64, 30% masking), then phase 1: 2 steps at 16 x 128 with the global RoPE base at 160k
+MODERN_STEPS, MODERN_TOKENS = 9, 2 * 8 * 64 + 2 * 12 * 64 + 3 * 16 * 64 + 2 * 16 * 128
+RECIPE = {"model.preset": "modernbert-tiny", "model.rope_theta": 10000.0, "data.isolate_documents": True,
+          "train.optimizer": "stableadamw", "train.max_steps": None,
+          "train.batch_warmup": {"tokens": 2048, "start": 8, "stages": 2, "multiple_of": 4},
+          "train.phases": [{"steps": 5, "block_size": 64, "mlm_probability": 0.3},
+                           {"steps": 2, "block_size": 128, "rope_theta": 160000.0}]}
 
 
 def pretrain_cfg(tiny_config, tmp_path, stage):
@@ -28,18 +39,27 @@ def pretrain_cfg(tiny_config, tmp_path, stage):
     return tiny_config("pretrain", {"data.train_files": [corpus], "data.eval_files": [held_out], "eval.every": 4,
                                     "eval.max_batches": 2, "data.num_workers": 1, "train.max_steps": STEPS,
                                     "train.global_batch_size": 16, "checkpoint.every": EVERY,
-                                    "deepspeed.config": f"ds_configs/zero{stage}.json"}, name=f"zero{stage}.yaml")
+                                    "deepspeed.config": f"ds_configs/zero{stage}.json",
+                                    **(RECIPE if stage in MODERN else {})}, name=f"zero{stage}.yaml")
 
 
 def check_plain_pretraining_run(out, stage):
     """The straight run is also checked like any 2-rank run: losses fall, every slot a real token (no epoch ends
-    in 8 steps), eval rows, trainer.json, a final/ that loads."""
+    in these steps), the phases and their batch sizes, eval rows, trainer.json, a final/ that loads (ModernBERT:
+    with the RoPE base of its last phase)."""
     records = read_metrics(out)
     train = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train] == list(range(1, STEPS + 1)) and train[-1]["loss"] < train[0]["loss"] - 0.5
-    assert train[-1]["tokens"] == STEPS * 16 * 64
-    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
-    trainer = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "trainer.json").read_text())
+    steps, tokens, evals = (MODERN_STEPS, MODERN_TOKENS, [4, 8, 9]) if stage in MODERN else (STEPS, STEPS * 16 * 64,
+                                                                                              [4, 8])
+    assert [r["step"] for r in train] == list(range(1, steps + 1)) and train[-1]["loss"] < train[0]["loss"] - 0.5
+    assert train[-1]["tokens"] == tokens
+    assert [r["step"] for r in records if "eval_loss" in r] == evals
+    if stage in MODERN:
+        assert [(r["phase"], r["block_size"]) for r in train] == [(0, 64)] * 2 + [(1, 64)] * 2 + [(2, 64)] * 3 + [
+            (3, 128)] * 2
+        config = json.loads((out / "final" / "config.json").read_text())
+        assert config["rope_parameters"]["full_attention"]["rope_theta"] == 160000.0
+    trainer = json.loads((out / "checkpoints" / f"step_{steps:08d}" / "trainer.json").read_text())
     assert trainer["world_size"] == 2 and trainer["zero_stage"] == stage and len(trainer["streams"]) == 2
     with torch.no_grad():
         logits = AutoModelForMaskedLM.from_pretrained(out / "final")(torch.tensor([[101, 2000, 2001, 103, 102]])).logits
@@ -76,7 +96,8 @@ def test_pretraining_sigkill_resume_is_bit_identical(tmp_path, tiny_config, stag
     run("pretrain", 2, cfg, [f"output_dir={straight}"] + (["train.dist_timeout_s=3"] if slow else []), **slow)
     check_plain_pretraining_run(straight, stage)
     # stage 0 is killed twice: the second attempt is itself a resume
-    kill_and_resume("pretrain", cfg, straight, tmp_path / "killed", STEPS, random.Random(stage), twice=stage == 0)
+    end = MODERN_STEPS if stage in MODERN else STEPS
+    kill_and_resume("pretrain", cfg, straight, tmp_path / "killed", end, random.Random(stage), twice=stage == 0)
 
 
 @pytest.mark.parametrize("unpad", [False, True], ids=["padded", "pad-free"])

@@ -76,3 +76,4 @@ class Piece:
     next_offset: int  # byte offset just past the piece (and its line break)
     tokens: np.ndarray | None = None  # token-cache pieces: ready tokens instead of text
     n_docs: int | None = None  # token-cache pieces: documents starting inside the piece
+    starts: np.ndarray | None = None  # token-cache pieces: offsets in `tokens` where those documents start

@@ -71,9 +71,9 @@ class CacheReader:
         end = self._next_start(seg.hi)  # the last owned document ends where the next one starts
         while s < end:
             e = min(self._next_start(s + CHUNK), end)
-            n_docs = int(np.searchsorted(self.starts, e, "left") - np.searchsorted(self.starts, s, "left"))
+            first, last = np.searchsorted(self.starts, [s, e], "left")
             yield Piece(s, s, None, False, False, e, tokens=np.asarray(self.tokens[s:e], dtype=np.int32),
-                        n_docs=n_docs)
+                        n_docs=int(last - first), starts=self.starts[first:last] - s)
             s = e
 
 

@@ -98,7 +98,7 @@ class MixtureStream:
     """Blocks of one (rank, worker) stream of a mixture, forever."""
 
     def __init__(self, sources: list[Source], spec, *, block_size: int, last_block: str, state: MixtureState,
-                 seed: int, max_chunk_bytes: int, errors: str, audit: bool = False):
+                 seed: int, max_chunk_bytes: int, errors: str, audit: bool = False, doc_starts: bool = False):
         self.sources, self.seed = sources, seed
         self.cumulative = cumulative_bounds(sources)
         self.state = copy.deepcopy(state)
@@ -106,7 +106,7 @@ class MixtureStream:
         for s in sources:
             readers = text_readers(s.files, s.mode, s.text_field, max_chunk_bytes, errors)
             ts = TextStream(readers, s.sizes, spec, block_size=block_size, last_block=last_block,
-                            state=self.state.sources[s.name], audit=audit, file_base=s.base)
+                            state=self.state.sources[s.name], audit=audit, file_base=s.base, doc_starts=doc_starts)
             self.state.sources[s.name] = ts.state  # the live state: it moves as the source is read
             self.streams.append(ts)
         self.max_run = 1  # the consumer's hint; a mixture decides block by block

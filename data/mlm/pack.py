@@ -25,16 +25,28 @@ class PieceTokens:
     doc_offset: int = -1  # byte offset of the document's first piece (its id within the file)
     doc_id: int = -1  # corpus-wide document id (file, doc_offset) for exactly-once audits
     n_docs: int | None = None  # documents starting in the piece (token-cache pieces hold many)
+    starts: np.ndarray | None = None  # offsets in `tokens` where documents start (None: 0 if doc_start)
 
     def position(self) -> tuple[int, int, int, bool, int]:
         return (self.seg, self.offset, self.used, self.doc_start, self.doc_offset)
+
+    def starts_in(self, lo: int, hi: int) -> np.ndarray:
+        """Offsets in [lo, hi) of `tokens` where a document starts."""
+        if self.starts is None:
+            return _ZERO if self.doc_start and lo == 0 < hi else _NONE
+        return self.starts[(self.starts >= lo) & (self.starts < hi)]
+
+
+_ZERO, _NONE = np.zeros(1, dtype=np.int64), np.zeros(0, dtype=np.int64)
 
 
 class Packer:
     """Feed PieceTokens in stream order; take full blocks of `block_size` tokens out."""
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, track_starts: bool = False):
         self.block_size = block_size
+        self.track_starts = track_starts  # record where documents start in each block (data.isolate_documents)
+        self.starts: np.ndarray | None = None  # after a take: those offsets in the tokens taken
         self.carry: list[PieceTokens] = []
         self.available = 0  # unused tokens in the carry
         self.new_docs = 0  # documents started by the takes since the last collect_docs()
@@ -61,11 +73,14 @@ class Packer:
     def take(self, n: int | None = None, audit: list | None = None) -> np.ndarray:
         """Remove and return the next n (default block_size) tokens, or fewer at the end of the carry."""
         n = self.block_size if n is None else n
-        parts, need = [], min(n, self.available)
+        total = min(n, self.available)
+        parts, need, starts = [], total, []
         while need:
             rec = self.carry[0]
             self._touch(rec)
             k = min(need, len(rec.tokens) - rec.used)
+            if self.track_starts:
+                starts.append(rec.starts_in(rec.used, rec.used + k) + (total - need - rec.used))
             parts.append(rec.tokens[rec.used: rec.used + k])
             if audit is not None:
                 audit.append((rec.doc_id, k))
@@ -74,19 +89,25 @@ class Packer:
             self.available -= k
             if rec.used == len(rec.tokens) and len(self.carry) > 1:
                 self.carry.pop(0)
+        if self.track_starts:
+            self.starts = np.concatenate(starts) if starts else _NONE
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
     def take_blocks(self, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The next k full blocks (k * block_size <= available) at once, with the same tokens and bookkeeping
         as k calls of `take`: (int32[k, block_size], int64[k, 3] (seg, piece offset, used): where each block
         starts, as `position()` would say before each take). One pass over the records it reaches, not one
-        per block; a view, no copy, when one record holds them all (token-cache pieces)."""
+        per block; a view, no copy, when one record holds them all (token-cache pieces). With track_starts,
+        `self.starts` holds where documents start, as offsets into the run's k * block_size tokens."""
         size, n = self.block_size, k * self.block_size
         parts, recs, cum, need = [], [], [], n  # cum: run offset of each record's first taken token
+        doc_starts = []
         while need:
             rec = self.carry[0]
             self._touch(rec)
             m = min(need, len(rec.tokens) - rec.used)
+            if self.track_starts:
+                doc_starts.append(rec.starts_in(rec.used, rec.used + m) + (n - need - rec.used))
             parts.append(rec.tokens[rec.used: rec.used + m])
             recs.append((rec.seg, rec.offset, rec.used))
             cum.append(n - need)
@@ -103,6 +124,8 @@ class Packer:
         r = np.searchsorted(ends, at, side="right")
         starts = info[r]
         starts[:, 2] += at - cum_a[r]
+        if self.track_starts:
+            self.starts = np.concatenate(doc_starts)
         tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)  # one record: a view, no copy
         return tokens.reshape(k, size), starts
 

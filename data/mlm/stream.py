@@ -102,6 +102,8 @@ class Block:
     #                     starts -> mask key; int64[k, 4] for a run
     audit: list | None  # [(epoch, doc_id, n_tokens)] when auditing
     dropped: int = 0  # tokens of a dropped short block (data.last_block=drop)
+    starts: np.ndarray | None = None  # data.isolate_documents: offsets in `tokens` (flat over a run's
+    #                     k * block_size) where a document starts
     # The stream state after a block is `stream.state` right when the block is yielded (the generator
     # is paused there); callers snapshot it with stream.state.to_dict() only where they need it.
 
@@ -126,10 +128,13 @@ class TextStream:
     to tokenize (data.sources.PieceReader) or ready tokens (data.cache.CacheReader)."""
 
     def __init__(self, readers: list, sizes: list[int], spec, *, block_size: int, last_block: str,
-                 state: StreamState, finite: bool = False, audit: bool = False, file_base: int = 0):
+                 state: StreamState, finite: bool = False, audit: bool = False, file_base: int = 0,
+                 doc_starts: bool = False):
         """file_base: added to file indexes in block positions and document ids, so that the sources of a
-        mixture (data/mlm/mixture.py), each with its own files 0..n-1, give distinct mask keys and ids."""
+        mixture (data/mlm/mixture.py), each with its own files 0..n-1, give distinct mask keys and ids.
+        doc_starts: each Block says where its documents start (data.isolate_documents)."""
         self.readers, self.sizes, self.spec, self.base = readers, sizes, spec, file_base
+        self.doc_starts = doc_starts
         self.block_size, self.last_block = block_size, last_block
         self.state, self.finite, self.audit = copy.deepcopy(state), finite, audit
         # at most this many blocks per yielded Block: >1 lets a token-cache piece give a whole run of
@@ -187,7 +192,7 @@ class TextStream:
             if p.tokens is not None:  # pre-tokenized (token cache): [CLS]/[SEP] already in place
                 yield from flush()
                 batch, size = [], 0
-                yield [PieceTokens(i, p.offset, p.doc_start, p.tokens, skip, p.doc_offset, -1, p.n_docs)]
+                yield [PieceTokens(i, p.offset, p.doc_start, p.tokens, skip, p.doc_offset, -1, p.n_docs, p.starts)]
                 continue
             batch.append(item)
             size += len(p.text)
@@ -201,7 +206,7 @@ class TextStream:
         while True:
             segs = st.plan(self.sizes)
             fresh = st.segments is None
-            packer, got_tokens = Packer(self.block_size), False
+            packer, got_tokens = Packer(self.block_size, self.doc_starts), False
             for recs in self._tokenized(st, segs):
                 for rec in recs:  # a whole read batch at once, so blocks can be cut from it in runs
                     packer.add(rec)
@@ -228,7 +233,7 @@ class TextStream:
             self._next_epoch(st)
             if tail is not None and self.last_block == "pad":
                 st.blocks += 1
-                yield Block(tail, where, audit)
+                yield Block(tail, where, audit, starts=packer.starts)
             elif tail is not None:  # dropped: not trained, but counted and its position passed
                 yield Block(tail[:0], where, audit, dropped=len(tail))
             if self.finite:
@@ -243,7 +248,7 @@ class TextStream:
         if pos is not None:
             st.seg_idx, st.pos = pos[0], tuple(pos[1:])
         audit = [(st.epoch, d, n) for d, n in audit] if audit is not None else None
-        return Block(tokens, (st.epoch, self.base + segs[seg_i].file, off, used), audit)
+        return Block(tokens, (st.epoch, self.base + segs[seg_i].file, off, used), audit, starts=packer.starts)
 
     def _emit_run(self, st: StreamState, segs, packer: Packer, k: int) -> Block:
         """k full blocks at once; the same blocks, keys and state as after k `_emit`s."""
@@ -255,7 +260,7 @@ class TextStream:
         st.blocks += k
         st.docs += packer.collect_docs()
         st.seg_idx, st.pos = pos[0], tuple(pos[1:])
-        return Block(tokens, where, None)
+        return Block(tokens, where, None, starts=packer.starts)
 
     def _next_epoch(self, st: StreamState) -> None:
         st.epoch += 1

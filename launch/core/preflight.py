@@ -15,6 +15,8 @@ from bertlaunch.core.engine import zero_stage
 from bertlaunch.core.exits import EXIT_CONFIG, EXIT_OK
 from bertlaunch.core.plan import Plan
 from bertlaunch.core.task import Model, Resume
+from bertlaunch.model.build import rope_bases
+from bertlaunch.model.packed import VARLEN
 
 GIB = 1 << 30
 
@@ -66,10 +68,10 @@ def show(dry: Preflight, cfg, info: dist.DistInfo, p: Plan, model: Model | None,
                                               info.world_size, p.precision))
         for ph in p.phases if len(p.phases) > 1 else ():
             mem = memory_table(model.params, c, ph.block_size, ph.micro, info.world_size, p.precision).split("\n")
-            print(f"phase {ph.index}       steps {ph.start}-{ph.end} ({ph.end - ph.start}), block {ph.block_size}, "
+            print(f"phase {ph.index:<7} steps {ph.start}-{ph.end} ({ph.end - ph.start}), block {ph.block_size}, "
                   f"global batch {ph.global_batch} = micro {ph.micro} x accumulation {ph.accum} x world "
-                  f"{info.world_size}, {count(ph.global_batch * ph.block_size * (ph.end - ph.start))} token slots; "
-                  f"memory " + mem[zero_stage(p.ds_config)].strip())
+                  f"{info.world_size}, {count(ph.global_batch * ph.block_size * (ph.end - ph.start))} token slots"
+                  + phase_settings(ph.settings, c) + "; memory " + mem[zero_stage(p.ds_config)].strip())
     if resume.path is None:
         print(f"resume        none: starts at step 0 (train.resume={t.resume})")
     else:
@@ -80,20 +82,50 @@ def show(dry: Preflight, cfg, info: dist.DistInfo, p: Plan, model: Model | None,
 
 
 def architecture(c) -> str:
-    """One line of a transformers config: family, layers x hidden, heads, feed-forward, positions, vocab."""
+    """One line of a transformers config: family, layers x hidden, heads, feed-forward, attention pattern,
+    positions (learned, relative or RoPE with its bases), vocab."""
+    modern = c.model_type == "modernbert"
     parts = [f"{c.model_type}, {c.num_hidden_layers} layers x {c.hidden_size}, {c.num_attention_heads} heads, "
-             f"feed-forward {c.intermediate_size}", f"{c.max_position_embeddings} positions", f"vocab {c.vocab_size}"]
+             f"{'GeGLU ' if modern else ''}feed-forward {c.intermediate_size}"]
+    if modern:
+        n_global = sum(t == "full_attention" for t in c.layer_types)
+        parts.append(f"local window {c.local_attention} in {c.num_hidden_layers - n_global} layer(s), global "
+                     f"attention in {n_global}")
+    parts.append(f"{c.max_position_embeddings} positions " + positions(c))
+    parts.append(f"vocab {c.vocab_size}")
     return ", ".join(parts)
 
 
+def positions(c) -> str:
+    """How a config's positions work: RoPE and its bases, relative, or learned absolute."""
+    bases = rope_bases(c)
+    if bases:
+        return "(RoPE, base " + " / ".join(f"{k} {v:g}" if k != "all" else f"{v:g}" for k, v in bases.items()) + ")"
+    if getattr(c, "relative_attention", False) or getattr(c, "position_embedding_type", "absolute") != "absolute":
+        return "(relative)"
+    return "(learned)"
+
+
+def phase_settings(settings: dict, c) -> str:
+    """What a phase changes: its batch-warmup stage, masking rate, RoPE base."""
+    out = [settings["stage"]] if "stage" in settings else []
+    if "mlm_probability" in settings:
+        out.append(f"masking {settings['mlm_probability']:.0%}")
+    if "rope_theta" in settings:
+        out.append(f"RoPE base {settings['rope_theta']:g}" + (" (global layers)" if "global" in rope_bases(c) else ""))
+    return "".join(f", {x}" for x in out)
+
+
 def memory_table(params: int, c, seq: int, micro: int, world: int, precision: str) -> str:
-    """Per-device estimate: weights/grads/optimizer by ZeRO stage + activations (no recomputation)."""
+    """Per-device estimate: weights/grads/optimizer by ZeRO stage + activations (no recomputation; GPU kernels)."""
     hidden, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
     p16 = 2 if precision in ("bf16", "fp16") else 4
     master = 12 if precision in ("bf16", "fp16") else 8  # fp32 master (when mixed) + Adam m, v
     model_states = {0: params * (p16 + p16 + master), 1: params * (p16 + p16 + master / world),
                     2: params * (p16 + (p16 + master) / world), 3: params * (p16 + p16 + master) / world}
-    act = layers * (34 * seq * micro * hidden + 5 * heads * seq * seq * micro) * (p16 / 2)
+    # the seq x seq scores are kept unless attention runs on variable-length FlashAttention (model/packed.py)
+    scores = 0 if getattr(c, "_attn_implementation", None) == VARLEN else 5 * heads * seq * seq * micro
+    act = layers * (34 * seq * micro * hidden + scores) * (p16 / 2)
     rows = [f"stage {s}: {(m + act) / GIB:6.2f} GiB (model states {m / GIB:.2f} + activations {act / GIB:.2f})"
             for s, m in model_states.items()]
     return "\n              ".join(rows)

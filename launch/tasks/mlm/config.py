@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,7 +66,16 @@ class DataConfig:
     block_size: int = 128
     """Tokens per packed block (sequence length)."""
     mlm_probability: float = 0.15
-    """Fraction of (non-special) tokens selected for MLM; of those 80% -> [MASK], 10% random, 10% kept."""
+    """Fraction of (non-special) tokens selected for MLM; of those 80% -> [MASK], 10% random, 10% kept
+    (train.phases[i].mlm_probability sets it per phase)."""
+    eval_mlm_probability: float | None = None
+    """Masking rate of the evaluation (None: data.mlm_probability). ModernBERT trains at 30% and evaluates at
+    15%, so that runs with other rates compare."""
+    isolate_documents: bool = False
+    """In a packed block each document attends only to itself and its positions restart at 0 (RoPE or learned
+    absolute positions). Blocks, data order and masks stay as without it. CPU: a block-diagonal attention mask;
+    GPUs: variable-length FlashAttention over the documents (model/packed.py). BERT, RoBERTa, ELECTRA and
+    ModernBERT models."""
     whole_word_masking: bool = False
     """Select whole words (all their ## pieces) instead of single tokens."""
     num_workers: int = 2
@@ -97,6 +107,24 @@ class PhaseConfig:
     """Sequences per rank per forward pass in this phase (None: train.micro_batch_size)."""
     global_batch_size: int | None = None
     """Sequences per optimizer step in this phase (None: train.global_batch_size)."""
+    mlm_probability: float | None = None
+    """Masking rate in this phase (None: data.mlm_probability)."""
+    rope_theta: float | None = None
+    """RoPE base of the global-attention layers from this phase on, e.g. 160000 for a context extension as
+    ModernBERT's (None: as before; RoPE models only)."""
+
+
+@dataclass
+class BatchWarmupConfig:
+    tokens: int | None = None
+    """Grow the global batch over this many token slots at the start of the run (null: no batch warmup)."""
+    start: int | None = None
+    """The global batch it starts from (it ends at the first phase's global batch size)."""
+    stages: int = 8
+    """Steps of the growth: equal token shares, batch sizes evenly spaced from start (each one a phase)."""
+    multiple_of: int = 64
+    """Each stage's global batch is rounded down to a multiple of this (so that the rank counts that divide it
+    share every stage evenly)."""
 
 
 @dataclass
@@ -109,6 +137,9 @@ class PretrainTrainConfig(TrainConfig):
     instead of train.max_steps, so the budget stays the same at any number of GPUs."""
     warmup_tokens: int | None = None
     """Warmup in token slots (of the first phase's steps) instead of train.warmup_steps / warmup_ratio."""
+    batch_warmup: BatchWarmupConfig = field(default_factory=BatchWarmupConfig)
+    """Batch-size warmup (ModernBERT: 768 -> 4608 sequences over 50B tokens): the first phase's first `tokens`
+    run as `stages` phases of growing global batch, so the loop, the data and resume treat them as phases."""
     phases: list[PhaseConfig] = field(default_factory=list)
     """Sequence-length phases run one after another in one run, e.g. [{tokens: 30e9, block_size: 128},
     {tokens: 3e9, block_size: 512, micro_batch_size: 16}]: the same optimizer, one schedule over all of them,
@@ -139,13 +170,21 @@ class PretrainConfig:
     """Checkpoints and resume."""
 
     def phase_specs(self) -> list[PhaseSpec]:
-        """The run's phases for the plan: train.phases, or the whole run as one phase."""
+        """The run's phases for the plan: train.phases, or the whole run as one phase; the first one split into
+        train.batch_warmup's stages when set."""
         t = self.train
         if not t.phases:
             steps = t.max_steps if t.max_steps is not None else (None if t.max_tokens else DEFAULT_STEPS)
-            return [PhaseSpec(steps, t.max_tokens, self.data.block_size)]
-        return [PhaseSpec(ph.steps, ph.tokens, ph.block_size, ph.micro_batch_size, ph.global_batch_size)
-                for ph in t.phases]
+            specs = [PhaseSpec(steps, t.max_tokens, self.data.block_size, settings={})]
+        else:
+            specs, rope = [], None
+            for i, ph in enumerate(t.phases):
+                rope = ph.rope_theta or rope  # a RoPE base holds until a later phase changes it
+                settings = {k: v for k, v in (("mlm_probability", ph.mlm_probability), ("rope_theta", rope),
+                                              ("key", f"train.phases[{i}]")) if v}
+                specs.append(PhaseSpec(ph.steps, ph.tokens, ph.block_size, ph.micro_batch_size, ph.global_batch_size,
+                                       settings))
+        return batch_warmup(specs, t.batch_warmup, t.global_batch_size) + specs[1:]
 
     def longest(self) -> tuple[str, int]:
         """(key, length) of the longest sequence any phase (or the evaluation) feeds the model."""
@@ -200,6 +239,14 @@ class PretrainConfig:
                     p.append(f"train.phases[{i}].{key} must be >= 1, got {getattr(ph, key)}")
             if ph.block_size is not None and ph.block_size < 8:
                 p.append(f"train.phases[{i}].block_size must be at least 8, got {ph.block_size}")
+        for i, ph in enumerate(t.phases):
+            if ph.mlm_probability is not None and not 0.0 < ph.mlm_probability < 1.0:
+                p.append(f"train.phases[{i}].mlm_probability must be in (0, 1), got {ph.mlm_probability}")
+            if ph.rope_theta is not None and ph.rope_theta <= 0:
+                p.append(f"train.phases[{i}].rope_theta must be > 0, got {ph.rope_theta}")
+        if d.eval_mlm_probability is not None and not 0.0 < d.eval_mlm_probability < 1.0:
+            p.append(f"data.eval_mlm_probability must be in (0, 1), got {d.eval_mlm_probability}")
+        p += check_batch_warmup(t, self.data.block_size)
         if t.phases and t.max_tokens:
             p.append("train.max_tokens does not apply with train.phases (each phase has its steps or tokens)")
         if t.phases and t.max_steps:
@@ -214,3 +261,53 @@ class PretrainConfig:
         if d.max_chunk_bytes is not None and d.max_chunk_bytes < 1024:
             p.append(f"data.max_chunk_bytes must be >= 1024, got {d.max_chunk_bytes}")
         return p
+
+
+def first_phase(t: PretrainTrainConfig, block_size: int) -> tuple[int | None, int | None, int, int | None]:
+    """(steps, tokens, block size, global batch) of the run's first phase as configured."""
+    if t.phases:
+        ph = t.phases[0]
+        return ph.steps, ph.tokens, ph.block_size, ph.global_batch_size or t.global_batch_size
+    steps = t.max_steps if t.max_steps is not None else (None if t.max_tokens else DEFAULT_STEPS)
+    return steps, t.max_tokens, block_size, t.global_batch_size
+
+
+def check_batch_warmup(t: PretrainTrainConfig, block_size: int) -> list[str]:
+    w, p = t.batch_warmup, []
+    if w.tokens is None:
+        return [] if w.start is None else ["train.batch_warmup.start needs train.batch_warmup.tokens (the token "
+                                           "slots over which the batch grows)"]
+    steps, tokens, block, final = first_phase(t, block_size)
+    if w.tokens < 1 or (w.stages or 0) < 1 or (w.multiple_of or 0) < 1:
+        p.append(f"train.batch_warmup: tokens, stages and multiple_of must be >= 1, got {w.tokens}, {w.stages}, "
+                 f"{w.multiple_of}")
+    elif final is None or w.start is None or not 1 <= w.start < final:
+        p.append(f"train.batch_warmup.start must be >= 1 and below the first phase's global batch size ({final}: "
+                 f"set train.global_batch_size), got {w.start}")
+    elif block and (tokens or (steps or 0) * final * block) <= w.tokens:
+        p.append(f"train.batch_warmup.tokens={w.tokens} must be below the first phase's token slots "
+                 f"({tokens or (steps or 0) * final * block})")
+    elif w.start < w.multiple_of:
+        p.append(f"train.batch_warmup.start={w.start} is below train.batch_warmup.multiple_of={w.multiple_of}: "
+                 "lower multiple_of")
+    return p
+
+
+def batch_warmup(specs: list[PhaseSpec], w: BatchWarmupConfig, global_batch: int | None) -> list[PhaseSpec]:
+    """The first phase as train.batch_warmup's stages + the rest of it at its own batch (no warmup: itself).
+    Stage i of n has the global batch start + (final - start) * i / n, rounded down to multiple_of, and
+    tokens / n token slots."""
+    first = specs[0]
+    final = first.global_batch_size or global_batch
+    if w.tokens is None or w.start is None or final is None or not w.start < final:
+        return specs[:1]
+    stages = []
+    for i in range(w.stages):
+        size = max(w.start + (final - w.start) * i // w.stages, w.start) // w.multiple_of * w.multiple_of
+        settings = {**first.settings, "stage": f"batch warmup {i + 1}/{w.stages}",
+                    "key": f"train.batch_warmup (stage {i + 1})"}
+        stages.append(PhaseSpec(None, math.ceil(w.tokens / w.stages), first.block_size, first.micro_batch_size,
+                                size, settings))
+    total = first.tokens or first.steps * final * first.block_size
+    rest = PhaseSpec(None, total - w.tokens, first.block_size, first.micro_batch_size, final, first.settings)
+    return stages + [rest]

@@ -40,12 +40,18 @@ def describe_corpus(cfg, spec, tok, corpus: Corpus, n_streams: int, p) -> None:
         print(f"data          {kind}, {len(corpus.files)} file(s), {size} -> ~{est / 1e6:.2f}M tokens per epoch "
               f"(~{est / d.block_size:,.0f} blocks of {d.block_size}), ~{slots / max(est, 1):.2f} epoch(s) in this "
               f"run, {n_streams} stream(s)")
-    s = MLMSettings.from_config(cfg, micro_batch_size=min(cfg.train.micro_batch_size, 2), audit=False)
+    s = MLMSettings.from_config(cfg, micro_batch_size=min(cfg.train.micro_batch_size, 2), audit=False,
+                                mlm_probability=p.phases[0].settings.get("mlm_probability", d.mlm_probability))
     batch = next(iter(MLMDataset(corpus.files, corpus.sizes, spec, s, initial_states(0, 1, 1, corpus.sources),
                                  cache=d.cache, sources=corpus.sources)))
     ids, labels = batch["input_ids"][0].numpy(), batch["labels"][0].numpy()
     print(f"one block     input ({int((labels != -100).sum())} of {len(ids)} tokens masked):\n  "
           + tok.decode(ids.tolist())[:600])
+    if d.isolate_documents:
+        starts = batch["doc_starts"].numpy()
+        print(f"  documents isolated (data.isolate_documents): {int((starts < len(ids)).sum())} in this block, each "
+              "attending only to itself, positions restarting at 0 at offsets "
+              + ", ".join(str(x) for x in starts[starts < len(ids)]))
     shown = np.where(labels != -100, labels, spec.pad_id)
     print("  targets: " + " ".join(tok.convert_ids_to_tokens([int(t) for t in shown if t != spec.pad_id]))[:300])
 

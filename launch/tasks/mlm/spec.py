@@ -15,6 +15,7 @@ from bertlaunch.core.task import Model, Resume
 from bertlaunch.data.tokenize import TokenizerSpec, load_hf_tokenizer, load_spec
 from bertlaunch.model.build import load_mlm
 from bertlaunch.model.mlm import MaskedLM
+from bertlaunch.model.packed import check_isolation, use_varlen
 from bertlaunch.tasks.mlm.config import PretrainConfig, use_storage
 from bertlaunch.tasks.mlm.corpus import Corpus, check_same_data, check_streams, resolve_corpus
 from bertlaunch.tasks.mlm.describe import describe_corpus
@@ -47,6 +48,9 @@ class PretrainSpec:
         m = cfg.model
         model_dir = resolve_model_dir(m.pretrained) if m.pretrained else None
         hf_model, config = load_mlm(m, tok.spec, model_dir, meta=meta)
+        if cfg.data.isolate_documents:
+            check_isolation(config)
+            use_varlen(hf_model)  # varlen FlashAttention on GPUs; the masks below it are SDPA's
         module = MaskedLM(hf_model, sparse_head=m.sparse_mlm_head)
         if m.compile and not meta:
             hf_model.base_model.compile()
@@ -65,7 +69,7 @@ class PretrainSpec:
 
     def task(self, cfg: PretrainConfig, info: DistInfo, tok: Tokenizer, data: Corpus, model: Model, plan: Plan,
              resume: Resume) -> MLMTask:
-        return MLMTask(cfg, info, tok.spec, data, model.config, plan, resume)
+        return MLMTask(cfg, info, tok.spec, data, model.config, plan, resume, model.module)
 
     def describe(self, cfg: PretrainConfig, tok: Tokenizer, data: Corpus, plan: Plan, info: DistInfo) -> None:
         describe_corpus(cfg, tok.spec, tok.hf, data, info.world_size * self.workers(cfg), plan)

@@ -21,6 +21,7 @@ from bertlaunch.data.corpus.reader import file_sizes, resolve_files
 from bertlaunch.data.mlm.batches import MLMDataset, MLMSettings, initial_states, make_loader
 from bertlaunch.data.mlm.mixture import MixtureState, replan_mixture
 from bertlaunch.data.mlm.stream import StreamState, replan
+from bertlaunch.model.build import refresh_rope, set_rope_bases
 from bertlaunch.tasks.mlm.config import PretrainConfig
 from bertlaunch.tasks.mlm.corpus import Corpus
 
@@ -28,8 +29,11 @@ from bertlaunch.tasks.mlm.corpus import Corpus
 class MLMTask:
     keeps_best = False  # pretraining keeps the newest checkpoints, not a best one
 
-    def __init__(self, cfg: PretrainConfig, info, spec, corpus: Corpus, hf_config, plan: Plan, resume: Resume):
-        self.cfg, self.info, self.spec, self.sparse = cfg, info, spec, cfg.model.sparse_mlm_head
+    def __init__(self, cfg: PretrainConfig, info, spec, corpus: Corpus, hf_config, plan: Plan, resume: Resume,
+                 module=None):
+        self.cfg, self.info, self.spec, self.module = cfg, info, spec, module
+        self.sparse = module.sparse if module is not None else cfg.model.sparse_mlm_head  # a head it knows
+        self.isolate = cfg.data.isolate_documents
         self.run_dir = RunDir(cfg.output_dir)
         self.arch = arch_of(hf_config)
         self.total_steps = plan.total_steps
@@ -79,7 +83,12 @@ class MLMTask:
         same as a resume at this step with the phase's settings, so a run that crosses a phase boundary
         and one resumed after it read the same tokens."""
         self.phase = phase
-        self.settings = replace(self.settings, block_size=phase.block_size, micro_batch_size=phase.micro)
+        self.settings = replace(self.settings, block_size=phase.block_size, micro_batch_size=phase.micro,
+                                mlm_probability=phase.settings.get("mlm_probability", self.cfg.data.mlm_probability))
+        hf = getattr(self.module, "hf", None)
+        if hf is not None and set_rope_bases(hf.config, phase.settings.get("rope_theta"), None,
+                                             f"train.phases[{phase.index}].rope_theta"):
+            refresh_rope(hf)  # a new RoPE base from this phase on (a context extension)
         self.rotation, self.batches_seen = (self.rotation + self.batches_seen) % self.workers, 0
         self.dataset = MLMDataset(self.files, self.sizes, self.spec, self.settings, list(self.states), self.rotation,
                                   cache=self.cfg.data.cache, sources=self.sources)
@@ -119,7 +128,10 @@ class MLMTask:
         full = batch["meta"]["n_real"] == batch["meta"]["n_slots"]
         keys = ("input_ids", "mlm_rows", "mlm_targets") if self.sparse else ("input_ids", "labels")
         out = {k: batch[k].to(self.device, non_blocking=True) for k in keys}
-        if not full:  # packed blocks are all real tokens: no mask lets SDPA take its fastest kernel
+        if self.isolate:  # each document attends to itself only: pads are a sequence of their own, no mask needed
+            out["doc_starts"] = batch["doc_starts"].to(self.device, non_blocking=True)
+            out["max_doc_len"] = batch["meta"]["max_doc_len"]
+        elif not full:  # packed blocks are all real tokens: no mask lets SDPA take its fastest kernel
             out["attention_mask"] = batch["attention_mask"].to(self.device, non_blocking=True)
         return out
 
@@ -130,7 +142,8 @@ class MLMTask:
         ids = torch.full((1, 8), self.spec.pad_id, dtype=torch.long)
         return {"input_ids": ids, "labels": torch.full_like(ids, -100), "attention_mask": torch.ones_like(ids),
                 "mlm_rows": torch.zeros(1, dtype=torch.long), "mlm_targets": torch.full((1,), -100),
-                "meta": {"n_real": 8, "n_slots": 8, "n_masked": 0}}
+                "doc_starts": torch.zeros(1, dtype=torch.long),
+                "meta": {"n_real": 8, "n_slots": 8, "n_masked": 0, "max_doc_len": 8}}
 
     def counts(self, batch) -> dict:
         m = batch["meta"]
@@ -202,9 +215,11 @@ class MLMTask:
 
     def _eval_batches(self, patterns: list[str], mode: str, text_field: str) -> list:
         files = resolve_files(patterns)
+        d = self.cfg.data
         eval_settings = MLMSettings.from_config(self.cfg, audit=False, mode=mode, text_field=text_field,
                                                 micro_batch_size=self.cfg.eval.micro_batch_size
-                                                or self.cfg.train.micro_batch_size)
+                                                or self.cfg.train.micro_batch_size,
+                                                mlm_probability=d.eval_mlm_probability or d.mlm_probability)
         ds = MLMDataset(files, file_sizes(files), self.spec, eval_settings,
                         initial_states(self.info.rank, self.info.world_size, 1), finite=True)
         limit, batches = self.cfg.eval.max_batches, []
