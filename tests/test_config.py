@@ -194,3 +194,12 @@ def test_one_plan_for_the_run_and_the_dry_run(tmp_path):
     assert (p.steps_per_epoch, p.total_steps, p.warmup_steps, p.accum) == (5, 15, 1, 1)
     ft.train.max_steps = 7
     assert make_plan(ft, 2, examples=70, epochs=3.0)[0].total_steps == 7
+
+
+@pytest.mark.parametrize("key", ["model.sparse_mlm_head=false", "eval.max_batches=4"])
+def test_pretraining_only_keys_are_unknown_to_finetuning(tmp_path, key):
+    """Fine-tuning has no MLM head and always evaluates the whole dev set: the keys are not offered there."""
+    path = write_yaml(tmp_path / "f.yaml", {"output_dir": str(tmp_path / "o"), "model": {"preset": "tiny"},
+                                           "task": {"train_file": "t.tsv", "text_a": "a", "label": "label"}})
+    with pytest.raises(configlib.ConfigError, match=f"unknown key '{key.split('=')[0]}'"):
+        configlib.load(FinetuneConfig, str(path), [key])

@@ -73,3 +73,19 @@ def test_unpadded_run_matches_the_padded_run(tmp_path, tiny_config, pairs, inpro
     ev_a, ev_b = (json.loads((tmp_path / name / "eval_results.json").read_text())["best"]
                   for name in ("padded", "packed"))
     assert ev_a.keys() == ev_b.keys() and all(abs(ev_a[k] - ev_b[k]) < 1e-4 for k in ev_a), (ev_a, ev_b)
+
+
+def test_model_compile_compiles_the_encoder(tiny_config, pairs):
+    """model.compile is honoured by fine-tuning too (not only documented): the encoder is wrapped, the head is not."""
+    from bertlaunch.core import configlib
+    from bertlaunch.tasks.classify.config import FinetuneConfig
+    from bertlaunch.tasks.classify.spec import FinetuneSpec
+
+    spec = FinetuneSpec()
+    for compile_ in (False, True):
+        cfg = configlib.load(FinetuneConfig, tiny_config("finetune", {"task.train_file": pairs("t.tsv"),
+                                                                      "model.compile": compile_}))
+        tok = spec.tokenizer(cfg)
+        hf = spec.model(cfg, tok, spec.data(cfg, tok, None), meta=False).module.hf
+        assert (hf.base_model._compiled_call_impl is not None) is compile_
+        assert hf.classifier._compiled_call_impl is None

@@ -30,10 +30,9 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel: sdpa (flash / memory-efficient where available) or eager. data.isolate_documents and
     ModernBERT's task.unpad run their own attention (model/packed.py: varlen FlashAttention on GPUs, SDPA)."""
-    sparse_mlm_head: bool = True
-    """Run the MLM head only on masked positions: same loss, about 15% fewer FLOPs per token."""
     compile: bool = False
-    """torch.compile the encoder (GPU runs; slow to warm up on CPU)."""
+    """torch.compile the encoder (GPU runs; slow to warm up on CPU; padded fine-tuning batches of new lengths
+    recompile until torch marks the length dynamic)."""
     hidden_dropout: float | None = None
     """Override hidden_dropout_prob (ModernBERT: mlp_dropout and embedding_dropout) (None: the preset's /
     checkpoint's value)."""
@@ -142,8 +141,6 @@ class DeepSpeedConfig:
 class EvalConfig:
     every: int = 0
     """Evaluate every N steps (0: only at the end)."""
-    max_batches: int | None = None
-    """Cap on eval batches per rank (None: the whole eval set)."""
     micro_batch_size: int | None = None
     """Eval batch size per rank (None: train.micro_batch_size)."""
 

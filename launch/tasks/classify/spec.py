@@ -47,6 +47,8 @@ class FinetuneSpec:
                                            data.pad_id, meta=meta)
         if cfg.task.unpad:
             check_unpadded(hf_model)
+        if m.compile and not meta:
+            hf_model.base_model.compile()  # the encoder; the small head stays eager
 
         def write_meta(path: Path) -> None:
             config.save_pretrained(path)

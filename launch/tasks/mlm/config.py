@@ -128,6 +128,18 @@ class BatchWarmupConfig:
 
 
 @dataclass
+class PretrainModelConfig(ModelConfig):
+    sparse_mlm_head: bool = True
+    """Run the MLM head only on masked positions: same loss, about 15% fewer FLOPs per token."""
+
+
+@dataclass
+class PretrainEvalConfig(EvalConfig):
+    max_batches: int | None = None
+    """Cap on eval batches per rank (None: the whole eval set)."""
+
+
+@dataclass
 class PretrainTrainConfig(TrainConfig):
     max_steps: int | None = None
     """Optimizer steps to train for (null: 1000). Set one length: train.max_steps, train.max_tokens or
@@ -154,7 +166,7 @@ class PretrainConfig:
     """Where config.yaml, metrics.jsonl, checkpoints/ and final/ go."""
     tokenizer: str = "bert-base-uncased"
     """Tokenizer folder or tokenizer.json; bert-base-uncased resolves to an offline copy of its vocab."""
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
     """Model architecture or pretrained weights."""
     data: DataConfig = field(default_factory=DataConfig)
     """Corpus, packing and masking."""
@@ -162,7 +174,7 @@ class PretrainConfig:
     """Optimization."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
     """Held-out evaluation."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics, progress bar and wandb."""
