@@ -32,9 +32,9 @@ from bertlaunch.model.packed import use_varlen
 warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
 
 
-def check_unpadded(hf_model: nn.Module) -> None:
-    """ValueError (naming the key and the fix) unless `hf_model` can run pad-free; a ModernBERT is set to the
-    varlen attention here."""
+def check_unpadded(hf_model: nn.Module, compile_: bool = False) -> None:
+    """ValueError (naming the key and the fix) unless `hf_model` can run pad-free (with model.compile=`compile_`);
+    a ModernBERT is set to the varlen attention here."""
     cfg, why = hf_model.config, None
     if isinstance(hf_model, ModernBertForSequenceClassification):
         use_varlen(hf_model)
@@ -46,6 +46,9 @@ def check_unpadded(hf_model: nn.Module) -> None:
         why = f"the model has position_embedding_type={cfg.position_embedding_type} (only absolute positions)"
     if why:
         raise ValueError(f"task.unpad=true: {why}; set task.unpad=false for the padded path")
+    if compile_:  # classify_packed calls BERT's layers itself, never the compiled encoder
+        raise ValueError("task.unpad=true with model.compile=true: the pad-free BERT path runs the layers itself, so "
+                         "nothing would be compiled; set model.compile=false (or task.unpad=false)")
 
 
 def attention(layer: nn.Module, h: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:

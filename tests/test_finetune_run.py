@@ -56,6 +56,16 @@ def test_bad_task_inputs_fail_fast_with_the_promised_messages(tiny_config, pairs
     assert proc.returncode == 2 and "no column 'sentence2' for task.text_b" in proc.stderr
 
 
+def test_a_metric_the_labels_do_not_have_fails_before_training(tmp_path, tiny_config, pairs, inproc):
+    """f1 exists for binary labels only: on three classes it once raised KeyError at the first evaluation."""
+    train = pairs("train.tsv", 30, labels=("a", "b", "c"))
+    proc = inproc("finetune", tiny_config("finetune", {"task.train_file": train, "eval.metric": "f1"}), check=False)
+    assert proc.returncode == 2
+    assert (f"eval.metric=f1 does not exist for {train} (3-class labels): use one of accuracy, macro_f1, eval_loss"
+            in proc.stderr)
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_unpadded_run_matches_the_padded_run(tmp_path, tiny_config, pairs, inproc):
     """task.unpad=true (no pad token computed): with dropout off, the padded run's losses and dev metrics up to
     float rounding, and real_token_frac 1."""

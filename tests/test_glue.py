@@ -222,3 +222,22 @@ def test_hub_dataset_columns_and_label_ids(tmp_path, tiny_config, inproc, monkey
     assert sorted(p.name for p in sub.iterdir()) == ["AX.tsv", "MNLI-m.tsv", "MNLI-mm.tsv"]
     predicted = {r[1] for r in list(csv.reader(open(sub / "MNLI-m.tsv"), delimiter="\t"))[1:]}
     assert predicted <= {"entailment", "neutral", "contradiction"}  # ids mapped back to GLUE's names
+
+
+def test_settings_the_suite_would_override_are_errors(tmp_path, tiny_config):
+    """train.seed and eval.metric at the top, and a per-task seed or process-group timeout, would be silently
+    replaced by each run's own: every one is reported at once, with the key to use instead."""
+    from bertlaunch.core import configlib
+    from bertlaunch.tasks.glue.config import GlueConfig
+
+    path = tiny_config("glue", {"glue.data_dir": write_glue(tmp_path / "glue_data"), "train.seed": 1,
+                                "eval.metric": "f1", "glue.overrides": {"MRPC": {"train": {"seed": 3,
+                                                                                          "dist_timeout_s": 60}}}})
+    with pytest.raises(configlib.ConfigError) as e:
+        configlib.load(GlueConfig, path)
+    assert sorted(e.value.problems) == [
+        "eval.metric is not used by GLUE (each task has its official metric): set it for one task with "
+        "glue.overrides.<task>.eval.metric",
+        "glue.overrides.MRPC.train.dist_timeout_s: one process group serves every run: set train.dist_timeout_s",
+        "glue.overrides.MRPC.train.seed: the seeds come from glue.seeds",
+        "train.seed is not used by GLUE: set glue.seeds (one run per seed), e.g. glue.seeds=[42]"]

@@ -118,3 +118,16 @@ def test_unpadded_needs_a_bert_classifier():
     with pytest.raises(ValueError, match="task.unpad=true: the model is a RobertaForSequenceClassification, not a "
                                          "BertForSequenceClassification .*; set task.unpad=false"):
         check_unpadded(roberta)
+
+
+def test_unpadded_bert_refuses_compile():
+    """model.compile would be silently ignored on the pad-free BERT path: it is an error naming both keys."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from bertlaunch.model.unpadded import check_unpadded
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64))
+    check_unpadded(bert)
+    with pytest.raises(ValueError, match="task.unpad=true with model.compile=true: .*set model.compile=false"):
+        check_unpadded(bert, compile_=True)

@@ -3,6 +3,7 @@ The multi-rank runs are in test_resume.py: each straight run there is also check
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.helpers import read_metrics
@@ -76,3 +77,35 @@ def test_the_command_runs_from_a_project_with_its_own_data_and_model_packages(tm
                           capture_output=True, text=True, env=env(PYTHONPATH=str(project)), timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dry run OK" in proc.stdout
+
+
+def test_keep_last_holds_after_a_resume(tmp_path, tiny_config, corpus, inproc):
+    """Pretraining keeps no best checkpoint: after a resume, the best evaluation's step is pruned like any other
+    (it once stayed protected for the whole attempt, one checkpoint over checkpoint.keep_last)."""
+    from bertlaunch.core.checkpoint import list_checkpoints, read_trainer
+
+    over = {"data.train_files": [corpus(300)], "data.eval_files": [corpus(40, "e.txt", seed=9)], "eval.every": 2,
+            "eval.max_batches": 2, "checkpoint.every": 2, "checkpoint.keep_last": 2}
+    cfg, ckpts = tiny_config("pretrain", over), tmp_path / "out" / "checkpoints"
+    inproc("pretrain", cfg, ["train.max_steps=4"])
+    assert [s for s, _ in list_checkpoints(ckpts)] == [2, 4]
+    assert read_trainer(list_checkpoints(ckpts)[-1][1])["state"]["best_step"] == 2  # saved before step 4's eval
+    inproc("pretrain", cfg, ["train.max_steps=8"])
+    assert [s for s, _ in list_checkpoints(ckpts)] == [6, 8]
+
+
+@pytest.mark.slow
+def test_zero2_offload_trains_and_resumes_like_zero2(tmp_path, tiny_config, corpus, inproc):
+    """ds_configs/zero2_offload.json (the optimizer state on the CPU) runs our AdamW on the offloaded partitions:
+    the same losses and weights as ZeRO-2, also across a resume (DeepSpeed refused the client optimizer before)."""
+    from tests.helpers import assert_resumed, compare
+
+    over = {"data.train_files": [corpus(300)], "train.max_steps": 4, "train.warmup_steps": 0,
+            "train.schedule": "constant", "checkpoint.every": 2}
+    plain = tiny_config("pretrain", over | {"deepspeed.config": "ds_configs/zero2.json",
+                                            "output_dir": tmp_path / "zero2"}, name="zero2.yaml")
+    inproc("pretrain", plain)
+    offload = tiny_config("pretrain", over | {"deepspeed.config": "ds_configs/zero2_offload.json"}, name="off.yaml")
+    inproc("pretrain", offload, ["train.max_steps=2"])
+    assert_resumed(inproc("pretrain", offload).stdout, tmp_path / "out", 2)
+    assert compare(tmp_path / "zero2", tmp_path / "out") == []

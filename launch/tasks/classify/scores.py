@@ -69,5 +69,12 @@ def task_metrics(kind: str, num_labels: int, pred: np.ndarray, gold: np.ndarray)
     return out
 
 
+def metric_names(kind: str, num_labels: int) -> list[str]:
+    """What eval.metric may name for this label space (the keys task_metrics returns, and eval_loss)."""
+    if kind == "regression":
+        return ["pearson", "spearman", "mse", "eval_loss"]
+    return ["accuracy"] + (["f1", "matthews"] if num_labels == 2 else ["macro_f1"]) + ["eval_loss"]
+
+
 def default_metric(kind: str, num_labels: int) -> str:
     return "pearson" if kind == "regression" else ("accuracy" if num_labels == 2 else "macro_f1")

@@ -19,6 +19,7 @@ from bertlaunch.data.tokenize import load_hf_tokenizer
 from bertlaunch.model.classify import Classifier, load_classifier
 from bertlaunch.model.unpadded import check_unpadded
 from bertlaunch.tasks.classify.config import FinetuneConfig
+from bertlaunch.tasks.classify.scores import metric_names
 from bertlaunch.tasks.classify.task import ClassifyTask
 
 
@@ -34,7 +35,13 @@ class FinetuneSpec:
         return load_hf_tokenizer(cfg.tokenizer or resolve_model_dir(cfg.model.pretrained))
 
     def data(self, cfg: FinetuneConfig, tok, info: DistInfo) -> TaskData:
-        return load_task_data(cfg.task, tok)
+        data = load_task_data(cfg.task, tok)
+        names, metric = metric_names(data.labels.kind, data.labels.num_labels), cfg.eval.metric
+        if metric is not None and metric not in names:  # found now, not at the first evaluation
+            kind = "regression" if data.labels.kind == "regression" else f"{data.labels.num_labels}-class"
+            raise ValueError(f"eval.metric={metric} does not exist for {data.train_path} ({kind} labels): use one "
+                             f"of {', '.join(names)}")
+        return data
 
     def model(self, cfg: FinetuneConfig, tok, data: TaskData | None, meta: bool) -> Model | None:
         if data is None:  # the label space comes from the training table
@@ -46,7 +53,7 @@ class FinetuneSpec:
         hf_model, config = load_classifier(m, model_dir, labels.num_labels, id2label, regression, len(tok),
                                            data.pad_id, meta=meta)
         if cfg.task.unpad:
-            check_unpadded(hf_model)
+            check_unpadded(hf_model, m.compile)
         if m.compile and not meta:
             hf_model.base_model.compile()  # the encoder; the small head stays eager
 

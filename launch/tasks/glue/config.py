@@ -28,7 +28,8 @@ class GlueSection:
     """One run per (task, seed), in output_dir/<task>/seed_<s>/; metrics are averaged over seeds."""
     overrides: dict[str, dict] = field(default_factory=dict)
     """Per-task fine-tuning settings over the shared ones, e.g. glue.overrides.RTE.train.lr=3e-5 or
-    {RTE: {train: {epochs: 4}}}; any fine-tuning key below train/eval/task/checkpoint/model."""
+    {RTE: {train: {epochs: 4}}}; any fine-tuning key below train/eval/task/checkpoint/model/deepspeed
+    (except train.seed and train.dist_timeout_s, which every run of the suite shares)."""
     max_train_examples: int | None = None
     """Train on each task's first N training rows only (quick runs); None: all."""
     max_length: int = 128
@@ -47,6 +48,24 @@ class GlueSection:
 
 
 @dataclass
+class GlueTrainConfig(FinetuneTrainConfig):
+    seed: int | None = None
+    """Not set for GLUE (an error when set): each run's seed comes from glue.seeds."""
+
+
+@dataclass
+class GlueEvalConfig(FinetuneEvalConfig):
+    metric: str | None = None
+    """Not set for GLUE (an error when set): each task picks its best checkpoint by its first official metric;
+    glue.overrides.<task>.eval.metric changes it for one task."""
+
+
+# per-task override keys that cannot differ between the runs of one suite
+NOT_PER_TASK = {("train", "seed"): "the seeds come from glue.seeds",
+                ("train", "dist_timeout_s"): "one process group serves every run: set train.dist_timeout_s"}
+
+
+@dataclass
 class GlueConfig:
     output_dir: str = REQUIRED
     """glue_results.json/.md, submission/ (+ .zip) and one fine-tuning output_dir per run: <task>/seed_<s>/."""
@@ -56,13 +75,13 @@ class GlueConfig:
     """model.pretrained: a Hugging Face folder, our pretraining output_dir or its final/."""
     glue: GlueSection = field(default_factory=GlueSection)
     """Tasks, seeds, data and per-task overrides."""
-    train: FinetuneTrainConfig = field(default_factory=lambda: FinetuneTrainConfig(lr=2e-5, weight_decay=0.01))
+    train: GlueTrainConfig = field(default_factory=lambda: GlueTrainConfig(lr=2e-5, weight_decay=0.01))
     """Optimization of every run (the BERT paper's recipe: batch 32, 3 epochs, 10% warmup; lr 2e-5 from its
     grid of 2e-5/3e-5/5e-5, weight decay 0.01)."""
     deepspeed: DeepSpeedConfig = field(default_factory=lambda: DeepSpeedConfig("ds_configs/zero0.json"))
     """DeepSpeed engine of every run."""
-    eval: FinetuneEvalConfig = field(default_factory=FinetuneEvalConfig)
-    """Evaluation; eval.metric defaults to each task's first official metric."""
+    eval: GlueEvalConfig = field(default_factory=GlueEvalConfig)
+    """Evaluation of every run."""
     log: LogConfig = field(default_factory=LogConfig)
     """Metrics, progress bar and wandb (one wandb run per GLUE run)."""
     checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(keep_last=1))
@@ -88,6 +107,14 @@ class GlueConfig:
             elif bad := sorted(set(section) - {"train", "eval", "task", "checkpoint", "model", "deepspeed"}):
                 p.append(f"glue.overrides.{task}: cannot override {', '.join(bad)} per task (allowed: train, eval, "
                          "task, checkpoint, model, deepspeed)")
+            else:
+                p += [f"glue.overrides.{task}.{sec}.{key}: {why}" for (sec, key), why in NOT_PER_TASK.items()
+                      if isinstance(section.get(sec), dict) and key in section[sec]]
+        if self.train.seed is not None:
+            p.append("train.seed is not used by GLUE: set glue.seeds (one run per seed), e.g. glue.seeds=[42]")
+        if self.eval.metric is not None:
+            p.append("eval.metric is not used by GLUE (each task has its official metric): set it for one task "
+                     "with glue.overrides.<task>.eval.metric")
         if not g.seeds:
             p.append("glue.seeds is empty: give at least one seed, e.g. [42]")
         if len(set(g.seeds)) != len(g.seeds):

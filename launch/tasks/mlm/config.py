@@ -60,9 +60,11 @@ class DataConfig:
     """How .txt files split into documents: blank_line = a run of non-empty lines separated by one or
     more blank lines (WikiText paragraphs, books); line = every non-empty line is a document."""
     text_field: str = "text"
-    """Field holding the text in .jsonl records."""
+    """Field holding the text in .jsonl records and the column in .parquet files."""
     cache: str | None = None
-    """A token cache folder from `bertlaunch prepare`; when set it is read instead of train_files."""
+    """A token cache folder from `bertlaunch prepare`; when set it is read instead of train_files (the text
+    settings txt_documents, text_field, max_chunk_bytes and encoding_errors then apply to eval_files only: the
+    cache holds the tokens made with the settings it was prepared with)."""
     block_size: int = 128
     """Tokens per packed block (sequence length)."""
     mlm_probability: float = 0.15
@@ -148,7 +150,8 @@ class PretrainTrainConfig(TrainConfig):
     """Train on this many token slots (global batch x data.block_size per step); sets the step count
     instead of train.max_steps, so the budget stays the same at any number of GPUs."""
     warmup_tokens: int | None = None
-    """Warmup in token slots (of the first phase's steps) instead of train.warmup_steps / warmup_ratio."""
+    """Warmup in token slots instead of train.warmup_steps / warmup_ratio, counted through the phases in order
+    (a warmup longer than the first phase goes on into the next)."""
     batch_warmup: BatchWarmupConfig = field(default_factory=BatchWarmupConfig)
     """Batch-size warmup (ModernBERT: 768 -> 4608 sequences over 50B tokens): the first phase's first `tokens`
     run as `stages` phases of growing global batch, so the loop, the data and resume treat them as phases."""
