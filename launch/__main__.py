@@ -3,10 +3,12 @@
     bertlaunch pretrain --config C [--dry-run] [key=value ...]   (= python launch/pretrain.py)
     bertlaunch finetune --config C ...                            (= python launch/finetune.py)
     bertlaunch glue --config C ...                                (= python launch/glue.py)
+    bertlaunch embed --config C ...                               (= python launch/embed.py)
     bertlaunch prepare --config C --out DIR                       token cache
     bertlaunch export CHECKPOINT OUT                              a checkpoint as a Hugging Face folder
     bertlaunch report OUTPUT_DIR ...                              plots and report.md
     bertlaunch summary OUTPUT_DIR ...                             mean ± std over seeds, GLUE tables
+    bertlaunch retrieval MODEL DATA_DIR [--split S] [--out F]     nDCG@10, Recall@100, MRR@10 on a BEIR folder
     bertlaunch check-resume --config C [--ranks N]                SIGKILL + resume vs a straight run
 
 Multi-process launches keep using the entry scripts: `deepspeed launch/pretrain.py ...`, `torchrun ...`, `srun ...`.
@@ -17,11 +19,12 @@ from __future__ import annotations
 import difflib
 import sys
 
-from bertlaunch.cli.commands import finetune, glue, pretrain
-from bertlaunch.tools import check_resume, export, prepare, report, summary
+from bertlaunch.cli.commands import embed, finetune, glue, pretrain
+from bertlaunch.tools import check_resume, export, prepare, report, retrieval, summary
 
-COMMANDS = {"pretrain": pretrain, "finetune": finetune, "glue": glue, "prepare": prepare.main, "export": export.main,
-            "report": report.main, "summary": summary.main, "check-resume": check_resume.main}
+COMMANDS = {"pretrain": pretrain, "finetune": finetune, "glue": glue, "embed": embed, "prepare": prepare.main,
+            "export": export.main, "report": report.main, "summary": summary.main, "retrieval": retrieval.main,
+            "check-resume": check_resume.main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,11 @@ BASE = {
         "train": {"epochs": 2, "micro_batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
         "deepspeed": {"config": "ds_configs/zero0.json"},
         "log": {"every": 1, "wandb": {"mode": "disabled"}}, "checkpoint": {"keep_last": 1}},
+    "embed": {
+        "tokenizer": "bert-base-uncased", "model": {"preset": "tiny"}, "task": {"max_length": 32},
+        "train": {"epochs": 1, "micro_batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
+        "deepspeed": {"config": "ds_configs/zero0.json"}, "eval": {"micro_batch_size": 16},
+        "log": {"every": 1, "wandb": {"mode": "disabled"}}, "checkpoint": {"keep_last": 1}},
     "glue": {
         "tokenizer": "bert-base-uncased", "model": {"preset": "tiny"}, "glue": {"seeds": [1]},
         "train": {"epochs": 2, "micro_batch_size": 8, "global_batch_size": 8, "lr": 1e-3, "precision": "fp32"},
@@ -92,13 +97,13 @@ def spec():
 def in_process(entry: str, argv: list[str]) -> int:
     """main() of launch/<entry>.py in this process; the environment changes the run makes (RANK, MASTER_PORT, ...)
     are undone afterwards, and BERTLAUNCH_* fault variables install tests/faults.py's hooks for the run."""
-    from bertlaunch.cli.commands import finetune, glue, pretrain
+    from bertlaunch.cli.commands import embed, finetune, glue, pretrain
     from tests.faults import install_from_env
 
     saved = dict(os.environ)
     install_from_env()
     try:
-        return {"pretrain": pretrain, "finetune": finetune, "glue": glue}[entry](argv)
+        return {"pretrain": pretrain, "finetune": finetune, "glue": glue, "embed": embed}[entry](argv)
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -123,22 +128,39 @@ def inproc(capfd, monkeypatch):
     return run
 
 
+class S3Server:
+    """A real S3 API on localhost: moto in server mode, in this process (its buckets live here, so stop() and
+    start() again on the same port keep them, and another server on another address serves the same buckets)."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self.host, self.port = host, port
+        self.start()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        self.server.start()
+        self.port = self.server.get_host_and_port()[1]
+        self.endpoint = f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API on localhost (moto in server mode), reached through s3fs exactly like a cloud bucket:
-    AWS_ENDPOINT_URL and test credentials are set for the session. Yields (endpoint URL, boto3 client)."""
+    AWS_ENDPOINT_URL and test credentials are set for the session. Yields (S3Server, boto3 client)."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing-key-id",
+    server = S3Server()
+    env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing-key-id",
            "AWS_SECRET_ACCESS_KEY": "testing-secret-key-value", "AWS_DEFAULT_REGION": "us-east-1"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield env["AWS_ENDPOINT_URL"], boto3.client("s3")
+        yield server, boto3.client("s3")
     finally:
         server.stop()
         for k, v in saved.items():

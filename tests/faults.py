@@ -5,6 +5,7 @@
   BERTLAUNCH_FAIL_SAVE_AT=k                     the checkpoint of step k fails with ENOSPC
   BERTLAUNCH_KILL_IN_SAVE_AT=k                  the job is SIGKILLed while writing the checkpoint of step k
   BERTLAUNCH_SLOW_EXPORT_S=s                    every export takes s seconds longer (a BERT-large export)
+  BERTLAUNCH_SLOW_UPLOAD_S=s                    every checkpoint file takes s seconds longer to upload (a slow network)
 
 `install_from_env()` is called by the in-process runs (tests/conftest.py `inproc`), the forked ones
 (tests/zygote.py) and, through tests/hookpath/sitecustomize.py on PYTHONPATH, by real entry scripts (srun).
@@ -17,7 +18,8 @@ import signal
 import time
 
 VARIABLES = ("BERTLAUNCH_NAN_AT_STEP", "BERTLAUNCH_HANG_AT_STEP", "BERTLAUNCH_HANG_RANK", "BERTLAUNCH_FAIL_SAVE_AT",
-             "BERTLAUNCH_KILL_IN_SAVE_AT", "BERTLAUNCH_SLOW_EXPORT_S")
+             "BERTLAUNCH_KILL_IN_SAVE_AT", "BERTLAUNCH_SLOW_EXPORT_S",
+             "BERTLAUNCH_SLOW_UPLOAD_S")
 
 
 class EnvFaults:
@@ -28,6 +30,7 @@ class EnvFaults:
         self.fail_save_at = int(env.get("BERTLAUNCH_FAIL_SAVE_AT", 0))
         self.kill_save_at = int(env.get("BERTLAUNCH_KILL_IN_SAVE_AT", 0))
         self.slow_export_s = float(env.get("BERTLAUNCH_SLOW_EXPORT_S", 0))
+        self.slow_upload_s = float(env.get("BERTLAUNCH_SLOW_UPLOAD_S", 0))
 
     def loss(self, step, rank, loss):
         if self.hang_at and step == self.hang_at and rank == self.hang_rank:
@@ -44,6 +47,9 @@ class EnvFaults:
 
     def exporting(self):
         time.sleep(self.slow_export_s)
+
+    def uploading(self, name):
+        time.sleep(self.slow_upload_s)
 
 
 def install_from_env(env=None) -> None:

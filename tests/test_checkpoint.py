@@ -10,7 +10,8 @@ import pytest
 
 from bertlaunch.core import configlib
 from bertlaunch.core.assemble import choose_resume
-from bertlaunch.core.checkpoint import Checkpointer, CheckpointError, list_checkpoints, verify
+from bertlaunch.core.checkpoint import CheckpointError, list_checkpoints, verify
+from bertlaunch.core.checkpointer import Checkpointer
 from bertlaunch.core.config import CheckpointConfig
 from bertlaunch.core.dist import DistInfo
 from bertlaunch.tasks.mlm.config import PretrainConfig

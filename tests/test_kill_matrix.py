@@ -1,7 +1,8 @@
-"""The SIGKILL matrix, on 2 CPU ranks: pretraining x ZeRO 0-3 and fine-tuning x ZeRO 0-3, padded and pad-free
-(and pretraining at ZeRO 0 killed twice). Pretraining at ZeRO 1 and 2 runs ModernBERT's recipe on a tiny ModernBERT:
-documents isolated in the packed blocks, StableAdamW, a batch-size warmup (the checkpoint of step 3 lies inside it),
-30% masking, then a phase at twice the length with a new RoPE base.
+"""The SIGKILL matrix, on 2 CPU ranks: pretraining x ZeRO 0-3, fine-tuning x ZeRO 0-3, padded and pad-free, and sentence
+embeddings at ZeRO 3 with GradCache (ZeRO 0-2 with BERTLAUNCH_FULL=1) (and pretraining at ZeRO 0 killed twice).
+Pretraining at ZeRO 1 and 2 runs ModernBERT's recipe on a tiny ModernBERT: documents isolated in the packed blocks,
+StableAdamW, a batch-size warmup (the checkpoint of step 3 lies inside it), 30% masking, then a phase at twice the
+length with a new RoPE base.
 
 Each case: a straight run; the same run SIGKILLed (the whole job, loader workers included) at a random step after
 its first checkpoint, checked to be alive when killed and never finished; the same command again, whose own log
@@ -12,6 +13,7 @@ give the same numbers); then the per-step losses and the final weights of the tw
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
@@ -109,3 +111,50 @@ def test_finetuning_sigkill_resume_is_bit_identical(tmp_path, tiny_config, stage
     train = [r for r in read_metrics(straight) if "loss" in r]
     assert len(train) == 7 and train[-1]["samples"] == 100  # ceil(100 / 16) steps, the short last batch kept
     kill_and_resume("finetune", cfg, straight, tmp_path / "killed", 7, random.Random(10 + stage))
+
+
+FULL_ONLY = pytest.mark.skipif(os.environ.get("BERTLAUNCH_FULL") != "1", reason="CI time: BERTLAUNCH_FULL=1 runs it")
+
+
+@pytest.fixture(scope="module")
+def embed_straight(tmp_path_factory):
+    """straight(stage) -> (config, output_dir) of the uninterrupted 2-rank embedding run at that stage, run once for
+    the tests below. Hard negatives, a BEIR folder scored every 3 steps, 100 rows in global batches of 16 (the last
+    of the 7 steps is short: 4 rows), dropout off; at stage 3 GradCache in chunks of 4 rows per rank."""
+    from tests.conftest import build_config
+    from tests.embed_data import write_beir, write_triples
+
+    runs = {}
+
+    def straight(stage):
+        if stage not in runs:
+            tmp = tmp_path_factory.mktemp(f"embed{stage}")
+            cached = {"task.grad_cache": True, "train.micro_batch_size": 4} if stage == 3 else {}
+            cfg = build_config(tmp, "embed", {
+                "task.train_file": write_triples(tmp / "rows.jsonl", 100, negative=True), "task.negative": "negative",
+                "task.eval_dir": write_beir(tmp / "beir"), "train.global_batch_size": 16, "eval.every": EVERY,
+                "checkpoint.every": EVERY, "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0,
+                "deepspeed.config": f"ds_configs/zero{stage}.json", **cached})
+            run("embed", 2, cfg, [f"output_dir={tmp / 'straight'}"])
+            runs[stage] = cfg, tmp / "straight"
+        return runs[stage]
+
+    return straight
+
+
+def test_two_ranks_with_gathered_negatives_train_as_one_rank(tmp_path, embed_straight, inproc):
+    """2 ranks (GradCache in chunks of 4, ZeRO 3), each query scored against the positives and hard negatives of both
+    ranks, against 1 rank taking each global batch of 16 in one forward: the same losses and scores, to rounding."""
+    cfg, straight = embed_straight(3)
+    inproc("embed", cfg, [f"output_dir={tmp_path}", "task.grad_cache=false", "train.micro_batch_size=16",
+                          "deepspeed.config=ds_configs/zero0.json"])
+    two, one = read_metrics(straight), read_metrics(tmp_path)
+    assert [r["step"] for r in two] == [1, 2, 3, 3, 4, 5, 6, 6, 7, 7] and two[-2]["samples"] == 100
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    assert all(abs(a.get(k, 0) - b.get(k, 0)) < 2e-5 for a, b in zip(two, one) for k in ("loss", "eval_ndcg@10"))
+
+
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=[] if s == 3 else [FULL_ONLY]) for s in (0, 1, 2, 3)])
+def test_embedding_sigkill_resume_is_bit_identical(tmp_path, embed_straight, stage):
+    cfg, straight = embed_straight(stage)
+    kill_and_resume("embed", cfg, straight, tmp_path / "killed", 7, random.Random(20 + stage))

@@ -32,12 +32,12 @@ def run_rank(entry: str, argv: list[str], env: dict, logs: str, rank: int) -> in
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     sys.argv = [f"launch/{entry}.py", *argv]
-    from bertlaunch.cli.commands import finetune, glue, pretrain
+    from bertlaunch.cli.commands import embed, finetune, glue, pretrain
     from tests.faults import install_from_env
 
     install_from_env()
     try:
-        return {"pretrain": pretrain, "finetune": finetune, "glue": glue}[entry](argv)
+        return {"pretrain": pretrain, "finetune": finetune, "glue": glue, "embed": embed}[entry](argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except BaseException:

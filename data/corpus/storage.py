@@ -10,8 +10,11 @@ process's memory: config.yaml redacts the mapping, and no message here prints it
 
 Transient network errors (connection refused or reset, timeouts, 5xx) are retried with exponential backoff
 (1, 2, 4, ... s; `data.io_retries` attempts in all); a read that fails half way reopens the file and
-continues at the same byte. A missing file (404) or a denied one (403) is not retried: it is a DataError
-naming the URL.
+continues at the same byte. A missing file (404), a denied one (403) or missing credentials are not retried:
+each is a StorageError naming the URL (and, for credentials, where they come from).
+
+A `Policy` is one set of options + retries with the config keys its messages name: the corpora's is the
+process default (`configure`), the checkpoint remote (launch/core/remote.py) passes its own.
 """
 
 from __future__ import annotations
@@ -27,18 +30,33 @@ class StorageError(ValueError):
 
 
 @dataclass
-class _Settings:
+class Policy:
+    """fsspec options and the retry policy for one use of remote storage, and the config keys that set them
+    (error messages name them)."""
+
     options: dict = field(default_factory=dict)
-    retries: int = 5
-    backoff_s: float = 1.0
+    retries: int = 5  # attempts in all
+    backoff_s: float = 1.0  # the first wait; doubled after each failed attempt
+    options_key: str = "data.storage_options"
+    retries_key: str = "data.io_retries"
 
 
-_SETTINGS = _Settings()
+_SETTINGS = Policy()
 # error types that mean "try again" although they are not OSError (botocore, aiohttp)
 _TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
                     "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError", "ClientOSError",
                     "ResponseStreamingError", "IncompleteReadError", "ProtocolError"}
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# no credentials at all (botocore, google-auth): a new user's first error, explained instead of a traceback
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}
+_CREDENTIAL_SOURCES = {
+    "s3": "AWS_ACCESS_KEY_ID + AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / ~/.aws/credentials, or the instance's or "
+          "pod's role; AWS_ENDPOINT_URL for MinIO, R2 or Ceph), or {key}: {{key: ..., secret: ...}}; a public "
+          "bucket: {key}: {{anon: true}}",
+    "gs": "GOOGLE_APPLICATION_CREDENTIALS (a service-account JSON file) or `gcloud auth application-default "
+          "login`, or {key}: {{token: ...}}",
+    "hf": "HF_TOKEN (or `huggingface-cli login`), or {key}: {{token: ...}}",
+}
 
 
 def configure(options: dict | None, retries: int | None = None, backoff_s: float | None = None) -> None:
@@ -60,11 +78,18 @@ def is_remote(path: str) -> bool:
     return "://" in str(path) and not str(path).startswith("file://")
 
 
-def _fs(url: str):
+def credential_sources(url: str, options_key: str = "data.storage_options") -> str:
+    """Where credentials for `url` come from, for messages."""
+    proto = url.split("://", 1)[0].replace("gcs", "gs").replace("s3a", "s3")
+    return _CREDENTIAL_SOURCES.get(proto, "{key}").format(key=options_key)
+
+
+def filesystem(url: str, policy: Policy | None = None):
+    """(fsspec filesystem, path inside it) for a URL."""
     import fsspec  # lazy: only for remote URLs (s3fs, gcsfs, ... load with it)
 
     try:
-        return fsspec.core.url_to_fs(url, **_SETTINGS.options)
+        return fsspec.core.url_to_fs(url, **(policy or _SETTINGS).options)
     except (ImportError, ValueError) as e:
         proto = url.split("://", 1)[0]
         raise StorageError(f"{url}: cannot open '{proto}://' URLs ({e}); install its fsspec backend "
@@ -81,9 +106,10 @@ def _transient(e: BaseException) -> bool:
                                                                 "Throttl", "Timeout", "reset"))
 
 
-def _call(url: str, what: str, fn):
+def call(url: str, what: str, fn, policy: Policy | None = None):
     """fn() with retries on transient errors; permanent ones become a StorageError naming the URL."""
-    attempts = _SETTINGS.retries
+    policy = policy or _SETTINGS
+    attempts = policy.retries
     for attempt in range(attempts):
         try:
             return fn()
@@ -91,16 +117,18 @@ def _call(url: str, what: str, fn):
             if isinstance(e, FileNotFoundError):
                 raise StorageError(f"{url}: not found (404) while trying to {what}; check the path or URL") from None
             if isinstance(e, PermissionError):
-                raise StorageError(f"{url}: access denied (403) while trying to {what}; check the credentials "
-                                   "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS / HF_TOKEN, or "
-                                   "data.storage_options)") from None
+                raise StorageError(f"{url}: access denied (403) while trying to {what}; check the credentials: "
+                                   + credential_sources(url, policy.options_key)) from None
+            if type(e).__name__ in _NO_CREDENTIALS:
+                raise StorageError(f"{url}: no credentials found while trying to {what} ({type(e).__name__}: {e}); "
+                                   "credentials come from " + credential_sources(url, policy.options_key)) from None
             if not _transient(e):
                 raise
             if attempt + 1 == attempts:
                 raise StorageError(f"{url}: could not {what} after {attempts} attempt(s) "
                                    f"({type(e).__name__}: {e}); check the endpoint and the network, or raise "
-                                   "data.io_retries") from None
-            time.sleep(_SETTINGS.backoff_s * 2 ** attempt)
+                                   f"{policy.retries_key}") from None
+            time.sleep(policy.backoff_s * 2 ** attempt)
 
 
 def expand(pattern: str) -> list[str]:
@@ -109,10 +137,10 @@ def expand(pattern: str) -> list[str]:
     if not is_remote(pattern):
         matches = sorted(glob.glob(pattern)) if has_glob else [pattern]
         return [m for m in matches if os.path.isfile(m)]
-    fs, path = _fs(pattern)
+    fs, path = filesystem(pattern)
     proto = pattern.split("://", 1)[0]
     if has_glob:
-        found = _call(pattern, "list the files", lambda: fs.glob(path, detail=True))
+        found = call(pattern, "list the files", lambda: fs.glob(path, detail=True))
         return sorted(f"{proto}://{p}" for p, info in found.items() if info.get("type") != "directory")
     def is_file() -> bool:
         try:
@@ -120,14 +148,14 @@ def expand(pattern: str) -> list[str]:
         except FileNotFoundError:  # a missing file is no match, like a local path
             return False
 
-    return [pattern] if _call(pattern, "look up the file", is_file) else []
+    return [pattern] if call(pattern, "look up the file", is_file) else []
 
 
 def size(path: str) -> int:
     if not is_remote(path):
         return os.path.getsize(path)
-    fs, p = _fs(path)
-    return int(_call(path, "read the file size", lambda: fs.size(p)))
+    fs, p = filesystem(path)
+    return int(call(path, "read the file size", lambda: fs.size(p)))
 
 
 def open_binary(path: str):
@@ -144,8 +172,8 @@ class RetryingFile:
 
     def __init__(self, url: str):
         self.url, self.pos = url, 0
-        self.fs, self.path = _fs(url)
-        self.f = _call(url, "open the file", self._open)
+        self.fs, self.path = filesystem(url)
+        self.f = call(url, "open the file", self._open)
 
     def _open(self):
         return self.fs.open(self.path, "rb", block_size=1 << 22, cache_type="readahead")
@@ -189,7 +217,7 @@ class RetryingFile:
                     self.f = self._open()
                     self.f.seek(self.pos)
                 raise
-        out = _call(self.url, f"read at byte {self.pos}", attempt)
+        out = call(self.url, f"read at byte {self.pos}", attempt)
         self.pos = self.f.tell()
         return out
 

@@ -1,4 +1,5 @@
-"""Sentence-pair / single-sentence task data from .tsv, .csv, .jsonl (or a `datasets` hub name).
+"""Task tables from .tsv, .csv, .jsonl or .parquet, local or remote (fsspec URLs, data/corpus/storage.py), or a
+`datasets` hub name: sentence pairs, single sentences, (query, positive, negative) rows.
 
 TSV is read with quoting off (MRPC's sentences contain `"`: with quote processing rows shift).
 Labels: integers -> class ids; other strings -> ids in sorted order, inferred from the training file
@@ -10,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import difflib
+import io
 import itertools
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bertlaunch.data.corpus import storage
 from bertlaunch.data.corpus.shards import DataError
 
 csv.field_size_limit(1 << 30)
@@ -26,27 +29,61 @@ class Rows:
     path: str
     columns: list[str]
     rows: list[dict]  # column -> raw string (or JSON value)
-    lines: list[int]  # 1-based line number of each row in the file
+    lines: list[int]  # 1-based line number of each row in the file (Parquet: row number)
+
+    def where(self, i: int) -> str:
+        """Where row i is, for messages: 'line 3' (text tables) or 'row 3' (Parquet)."""
+        return f"{'row' if table_format(self.path) == 'parquet' else 'line'} {self.lines[i]}"
 
 
 def table_format(path: str, fmt: str = "auto") -> str:
     if fmt != "auto":
         return fmt
     suffix = Path(path).suffix.lower()
-    return {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}.get(suffix, "")
+    return {".tsv": "tsv", ".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+            ".parquet": "parquet"}.get(suffix, "")
+
+
+def _open_text(path: str):
+    """A local file, or a remote one read whole (tables are read whole anyway) through data/corpus/storage.py."""
+    if not storage.is_remote(path):
+        return open(path, encoding="utf-8-sig", newline="")
+    with storage.open_binary(path) as f:
+        return io.StringIO(f.read().decode("utf-8-sig"), newline="")
+
+
+def _parquet_rows(path: str, only: list[str] | None) -> Rows:
+    """The columns `only` (None: all) of a Parquet table; rows numbered from 1."""
+    import pyarrow.parquet as pq  # lazy: ~0.3 s to import, only for Parquet tables
+
+    with storage.open_binary(path) as f:
+        try:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            table = pf.read(columns=[c for c in only if c in names] if only is not None else None)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+    rows = table.to_pylist()
+    if not rows:
+        raise DataError(f"{path}: no data rows (an empty table)")
+    return Rows(path, list(names), rows, list(range(1, len(rows) + 1)))
 
 
 def read_rows(path: str, fmt: str = "auto", columns: list[str] | None = None,
-              header_field: str | None = None) -> Rows:
+              header_field: str | None = None, only: list[str] | None = None) -> Rows:
     """A table's rows. `columns`: names for a .tsv/.csv without a header line (GLUE's CoLA train/dev); the
     file is still read with its own header when its first line has a field `header_field` (CoLA's test).
-    A UTF-8 byte-order mark (GLUE's MRPC) is dropped, so it never sticks to the first column's name."""
-    if not Path(path).is_file():
+    A UTF-8 byte-order mark (GLUE's MRPC) is dropped, so it never sticks to the first column's name.
+    `only`: the columns a Parquet table is read for (the others are listed, not loaded). `path` may be an
+    fsspec URL (s3://, https://, ...)."""
+    if storage.expand(path) != [path]:  # a missing file (a glob is no table path)
         raise DataError(f"{path}: file not found (task.train_file / eval_file / test_file)")
     kind = table_format(path, fmt)
     if not kind:
-        raise DataError(f"{path}: unknown table format; use .tsv, .csv or .jsonl, or set task.format")
-    with open(path, encoding="utf-8-sig", newline="") as f:
+        raise DataError(f"{path}: unknown table format; use .tsv, .csv, .jsonl or .parquet, or set task.format")
+    if kind == "parquet":
+        return _parquet_rows(path, only)
+    with _open_text(path) as f:
         if kind == "jsonl":
             rows, lines, columns = [], [], []
             for i, line in enumerate(f, 1):

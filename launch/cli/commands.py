@@ -1,4 +1,4 @@
-"""The training commands: pretrain, finetune and glue (launch/pretrain.py, ..., and `bertlaunch <command>`)."""
+"""The training commands: pretrain, finetune, glue and embed (launch/pretrain.py, ..., and `bertlaunch <command>`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from bertlaunch.core.preflight import Preflight
 from bertlaunch.core.task import TaskSpec
 from bertlaunch.tasks.classify.config import FinetuneConfig
 from bertlaunch.tasks.classify.spec import FINETUNE
+from bertlaunch.tasks.embed.config import EmbedConfig
+from bertlaunch.tasks.embed.spec import EMBED
 from bertlaunch.tasks.glue import run as glue_run
 from bertlaunch.tasks.glue.config import GlueConfig
 from bertlaunch.tasks.mlm.config import PretrainConfig
@@ -36,6 +38,9 @@ PRETRAIN_COMMAND = Command("launch/pretrain.py", "MLM pretraining of BERT-style 
                            PretrainConfig, train_with(PRETRAIN), dry_run_with(PRETRAIN), plans_of(PRETRAIN))
 FINETUNE_COMMAND = Command("launch/finetune.py", "Fine-tune a BERT-style encoder on a sentence(-pair) task.",
                            FinetuneConfig, train_with(FINETUNE), dry_run_with(FINETUNE), plans_of(FINETUNE))
+EMBED_COMMAND = Command("launch/embed.py", "Train sentence embeddings on (query, positive[, negative]) rows, InfoNCE "
+                        "over the global batch, retrieval scores on a BEIR folder.", EmbedConfig, train_with(EMBED),
+                        dry_run_with(EMBED), plans_of(EMBED))
 GLUE_COMMAND = Command("launch/glue.py", "Fine-tune and score a BERT-style encoder on the GLUE benchmark.",
                        GlueConfig, glue_run.run, glue_run.dry_run, glue_run.plan_problems)
 
@@ -50,3 +55,7 @@ def finetune(argv: list[str] | None = None) -> int:
 
 def glue(argv: list[str] | None = None) -> int:
     return entry(argv, GLUE_COMMAND)
+
+
+def embed(argv: list[str] | None = None) -> int:
+    return entry(argv, EMBED_COMMAND)

@@ -14,15 +14,17 @@ import sys
 from collections.abc import Callable
 
 from bertlaunch.core import configlib, preflight
-from bertlaunch.core.checkpoint import Checkpointer, CheckpointError, exact_keys
+from bertlaunch.core.checkpoint import CheckpointError, exact_keys
+from bertlaunch.core.checkpointer import Checkpointer
 from bertlaunch.core.dist import DistInfo
 from bertlaunch.core.engine import build_engine, zero_stage
+from bertlaunch.core.jobs import Downstream
 from bertlaunch.core.layout import RunDir
 from bertlaunch.core.loop import Trainer
 from bertlaunch.core.metrics import MetricsLog, peak_flops
 from bertlaunch.core.plan import make_plan
 from bertlaunch.core.schedule import lr_scheduler
-from bertlaunch.core.secrets import redact, write_config
+from bertlaunch.core.secrets import redact, redact_argv, write_config
 from bertlaunch.core.seeding import seed_everything, seed_rank
 from bertlaunch.core.task import Resume, TaskSpec, TrainState
 from bertlaunch.core.tracking import make_tracker, resume_tracker
@@ -47,8 +49,8 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
     check.problems(problems, "run config vs DeepSpeed config")
     for note in plan.notes if dry is None else ():
         log(f"note: {note}")
-    saver = Checkpointer(cfg.output_dir, cfg.checkpoint, info, log)
-    resume = check(choose_resume, saver, cfg, info, spec.workers(cfg)) or Resume()
+    saver = check(Checkpointer, cfg.output_dir, cfg.checkpoint, info, log, dry is not None)
+    resume = (check(choose_resume, saver, cfg, info, spec.workers(cfg)) if saver is not None else None) or Resume()
     if resume.path is not None and data is not None:
         check(spec.check_resume, cfg, data, resume)
     if dry is not None:
@@ -72,7 +74,8 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
             saver.protected = {state.best_step}
         saved = resume.saved
         log(f"resumed from {resume.path} at step {state.step}" + (
-            f" (resized from {saved['world_size']} rank(s) x {saved['workers']} worker(s))" if resume.resplit else ""))
+            f" (resized from {saved['world_size']} rank(s) x {saved['workers']} worker(s))" if resume.resplit else "")
+            + (f" (downloaded from {resume.source})" if resume.source else ""))
     if info.is_main:
         write_config(cfg, cfg.output_dir)
     saver.meta_writer = model.write_meta if info.is_main else None
@@ -80,14 +83,18 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
                          tracker=tracker)
     if tracker is not None and resume.path is not None:
         resume_tracker(tracker, cfg.output_dir, state.step, metrics.previous_max_step)
+    scoring = getattr(cfg.eval, "downstream", None)  # pretraining's eval.downstream: its exports scored aside
+    downstream = Downstream(scoring, cfg.output_dir, info, metrics.write, metrics.info, state.step) \
+        if scoring is not None and scoring.active() and info.is_main else None
     if resume.world_changed:  # RNG streams cannot be re-split over other ranks: reseed from the step
         seed_rank(cfg.train.seed, info.rank, state.step)
     extra = {"world_size": info.world_size, "exact": exact_keys(cfg), "zero_stage": zero_stage(plan.ds_config),
-             "precision": plan.precision, "command": redact(list(sys.argv)),
+             "precision": plan.precision, "command": redact_argv(sys.argv),
              "wandb_id": tracker.run_id if tracker else (resume.saved or {}).get("wandb_id")}
     return Trainer(train=cfg.train, log=cfg.log, checkpoint=cfg.checkpoint, run_dir=RunDir(cfg.output_dir),
                    info=info, engine=engine, task=task, state=state, plan=plan, metrics=metrics, saver=saver,
-                   trainer_extra=extra, peak_flops=peak_flops(plan.precision, cfg.log.peak_tflops))
+                   trainer_extra=extra, peak_flops=peak_flops(plan.precision, cfg.log.peak_tflops),
+                   downstream=downstream)
 
 
 def plan_problems(spec: TaskSpec, cfg, world_size: int) -> list[str]:
@@ -113,7 +120,7 @@ def choose_resume(saver: Checkpointer, cfg, info: DistInfo, workers: int) -> Res
                                      f"{saved['workers']} worker(s), this run has {info.world_size} x {workers}: "
                                      "set checkpoint.allow_resize=true to convert it"])
     world_changed = saved["world_size"] != info.world_size
-    return Resume(ckpt, saved, world_changed, resplit, world_changed and saver.partitioned(ckpt))
+    return Resume(ckpt, saved, world_changed, resplit, world_changed and saver.partitioned(ckpt), saver.source)
 
 
 class _Checks:

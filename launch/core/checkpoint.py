@@ -10,9 +10,9 @@ Layout of output_dir/checkpoints/step_00000100/ (written as .tmp-step_00000100/,
 A checkpoint counts only once manifest.json is present and verifies. Older checkpoints are deleted only
 after a newer one is committed. Saves that fail (disk full, I/O error) leave the previous one intact.
 
-This module is the whole unit: the file primitives and RNG state (top), which config keys a resume may
-change (`exact_keys`), and `Checkpointer`, the collective save / choose / restore that all ranks call
-together (bottom).
+This module holds the file primitives and RNG state (top) and which config keys a resume may change
+(`exact_keys`); launch/core/checkpointer.py has `Checkpointer`, the collective save / choose / restore that all
+ranks call together, and launch/core/remote.py + upload.py the copy in checkpoint.remote.
 """
 
 from __future__ import annotations
@@ -23,16 +23,12 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bertlaunch.core import configlib, dist, hooks
-from bertlaunch.core.config import CheckpointConfig
-from bertlaunch.core.layout import HF_META, RunDir
+from bertlaunch.core import configlib
 from bertlaunch.core.secrets import redact
 
 MANIFEST = "manifest.json"
@@ -89,9 +85,13 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def write_manifest(ckpt: Path) -> None:
+def file_entries(ckpt: Path) -> dict[str, dict]:
+    """Every file under the folder (but the manifest): relative path -> {size, sha256}."""
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != MANIFEST)
-    entries = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
+    return {p.relative_to(ckpt).as_posix(): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
+
+
+def write_manifest(ckpt: Path, entries: dict[str, dict]) -> None:
     write_json(ckpt / MANIFEST, {"version": 1, "files": entries})
 
 
@@ -218,115 +218,3 @@ def config_changes(saved: dict, current: dict) -> list[str]:
         if saved.get(key) != current.get(key):
             out.append(f"{key}: checkpoint has {saved.get(key)!r}, config has {current.get(key)!r}")
     return out
-
-
-# -- collective save / restore (all ranks call these together) ---------------------------------------
-class Checkpointer:
-    """Reads only its config section, `checkpoint` (keep_last), and the output_dir."""
-
-    def __init__(self, output_dir: str, checkpoint: CheckpointConfig, info: dist.DistInfo, log, meta_writer=None):
-        self.root = RunDir(output_dir).checkpoints
-        self.info, self.keep_last, self.log = info, checkpoint.keep_last, log
-        self.meta_writer = meta_writer  # rank 0: writes hf_meta/ (model config, tokenizer) into a save
-        self.protected: set[int] = set()  # steps never pruned (the best fine-tuning checkpoint)
-
-    # -- save ------------------------------------------------------------------------------------
-    def save(self, engine, step: int, trainer_state: dict) -> Path | None:
-        """Write a checkpoint for `step`; None (and the previous one intact) if any rank failed."""
-        final, tmp = step_dir(self.root, step), tmp_dir(self.root, step)
-        if final.is_dir() and verify(final) is None:
-            return final  # already committed (e.g. end of run right after a periodic save)
-        if self.info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "client").mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        error = ""
-        try:
-            engine.save_checkpoint(str(tmp / "ds"), tag=DS_TAG, save_latest=False)
-            torch.save(rng_state(), tmp / "client" / f"rank_{self.info.rank:05d}.pt")
-            if hooks.installed is not None:  # tests only: a failing or killed save
-                hooks.installed.saving(step)
-        except Exception as e:  # disk full, I/O error: keep training state, drop this checkpoint
-            error = f"{type(e).__name__}: {e}"
-        failed = dist.all_reduce([1.0 if error else 0.0], "max")[0] > 0
-        if not failed and self.info.is_main:
-            try:
-                if self.meta_writer is not None:
-                    self.meta_writer(tmp / HF_META)
-                write_json(tmp / "trainer.json", trainer_state)
-                fsync_tree(tmp)
-                write_manifest(tmp)  # the commit marker, written last
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                fsync_dir(self.root)
-                prune(self.root, self.keep_last, self.protected)
-            except Exception as e:
-                error = f"{type(e).__name__}: {e}"
-        failed = dist.all_reduce([1.0 if error else 0.0], "max")[0] > 0
-        if failed:
-            if self.info.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-                prev = list_checkpoints(self.root)
-                kept = f"the previous checkpoint {prev[-1][1]} is intact" if prev else "no earlier checkpoint exists"
-                self.log(f"ERROR: checkpoint at step {step} failed ({error or 'on another rank'}); {kept}; "
-                         "training continues")
-            return None
-        return final
-
-    # -- resume ----------------------------------------------------------------------------------
-    def choose(self, resume: str) -> Path | None:
-        """Rank 0 picks the checkpoint (verifying checksums); every rank gets the same answer or error."""
-        path, error = None, ""
-        if self.info.is_main:
-            if resume == "auto":
-                path = find_resume(self.root, self.log)
-            elif resume not in ("none", None, ""):
-                reason = verify(Path(resume))
-                if reason:
-                    error = f"train.resume={resume}: checkpoint unusable: {reason}"
-                path = Path(resume)
-        chosen, error = dist.all_gather_object((str(path) if path else None, error))[0]
-        if error:
-            raise CheckpointError(error)
-        return Path(chosen) if chosen else None
-
-    def check_config(self, ckpt: Path, exact: dict) -> dict:
-        trainer = read_trainer(ckpt)
-        changes = config_changes(trainer["exact"], exact)
-        if changes:
-            raise CheckpointError(f"cannot resume exactly from {ckpt}: the config changed:\n  "
-                                  + "\n  ".join(changes) + "\nrestore these values, start a new output_dir, "
-                                  "or set train.resume=none to start fresh")
-        return trainer
-
-    def restore(self, engine, ckpt: Path, universal: bool, same_ranks: bool) -> None:
-        tag_dir = ckpt / ("universal" if universal else "ds")
-        path, _ = engine.load_checkpoint(str(tag_dir), tag=DS_TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-        if path is None:  # DeepSpeed returns (None, None) instead of raising
-            raise CheckpointError(f"DeepSpeed found no engine state under {tag_dir}/{DS_TAG}")
-        if same_ranks:  # per-rank RNG streams only make sense for the same ranks
-            set_rng_state(load_client(ckpt, self.info.rank))
-
-    @staticmethod
-    def partitioned(ckpt: Path) -> bool:
-        """Does the checkpoint hold per-rank optimizer partitions? (Stage 0 in fp32 keeps one whole state.)"""
-        return any((ckpt / "ds" / DS_TAG).glob("*optim_states.pt"))
-
-    def to_universal(self, ckpt: Path) -> None:
-        """Convert the ZeRO checkpoint to DeepSpeed's universal format (once, next to it)."""
-        out = ckpt / "universal"
-        if self.info.is_main and not (out / DS_TAG).is_dir():
-            work = ckpt / ".universal-tmp"
-            shutil.rmtree(work, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(ckpt / "ds" / DS_TAG), "--output_folder", str(work / DS_TAG), "--no_strict",
-                   "--inject_missing_state"]
-            res = subprocess.run(cmd, capture_output=True, text=True)
-            if res.returncode:
-                raise CheckpointError(f"converting {ckpt} to DeepSpeed's universal format failed:\n"
-                                      f"{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-            os.replace(work, out)
-        dist.barrier()
-

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from bertlaunch.data.corpus.embedded import MODEL_ALIASES
 from bertlaunch.model.presets import ALL_PRESETS, family, unknown_preset
@@ -190,6 +190,24 @@ class CheckpointConfig:
     allow_resize: bool = True
     """Resuming with another world size / worker count converts the checkpoint (DeepSpeed universal
     format) and re-splits the unread data; false: such a resume is an error."""
+    remote: str | None = None
+    """An fsspec URL (s3://bucket/runs/x, gs://..., hf://..., a writable https://..., file:///mnt/disk2/x) that
+    receives every committed checkpoint (manifest.json last: its commit marker there too), final/, the export_at
+    folders, metrics.jsonl and config.yaml, uploaded in the background while training goes on. With
+    train.resume=auto a run whose output_dir has nothing newer resumes from the newest remote checkpoint that
+    verifies (a new node, a wiped disk). checkpoint.keep_last applies to it too. None: local only."""
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    """fsspec options for checkpoint.remote (endpoint_url, key/secret, token, anon, ...), as data.storage_options
+    for corpora; redacted in config.yaml. Credentials otherwise come from the standard environment (AWS_*,
+    GOOGLE_APPLICATION_CREDENTIALS, HF_TOKEN)."""
+    io_retries: int = 5
+    """Attempts per remote operation on a transient error (connection, timeout, 5xx), waiting 1, 2, 4, ... s in
+    between (data.io_retries' policy). An upload that still fails warns; training goes on and the next
+    checkpoint is uploaded."""
+    upload_timeout_s: float = 240.0
+    """At the end of the run and when stopping on SIGTERM/SIGUSR1: how long to wait for the upload in flight
+    and the newest pending one before exiting anyway (with a warning). Keep it below the warning time of your
+    scheduler minus the checkpoint's own write (slurm/pretrain.sbatch: --signal=USR1@300)."""
 
 
 def validate_model(m: ModelConfig) -> list[str]:
@@ -270,4 +288,11 @@ def validate_common(cfg) -> list[str]:
         p.append(f"checkpoint.export_at: fractions of the run must be in (0, 1], got {bad}")
     if cfg.checkpoint.keep_last is not None and cfg.checkpoint.keep_last < 1:
         p.append(f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    if cfg.checkpoint.io_retries is not None and cfg.checkpoint.io_retries < 1:
+        p.append(f"checkpoint.io_retries must be >= 1, got {cfg.checkpoint.io_retries}")
+    if cfg.checkpoint.upload_timeout_s is not None and cfg.checkpoint.upload_timeout_s < 0:
+        p.append(f"checkpoint.upload_timeout_s must be >= 0, got {cfg.checkpoint.upload_timeout_s}")
+    if cfg.checkpoint.remote is not None and "://" not in cfg.checkpoint.remote:
+        p.append(f"checkpoint.remote must be a URL (s3://bucket/prefix, gs://..., file:///mnt/disk2/run), got "
+                 f"'{cfg.checkpoint.remote}'")
     return p

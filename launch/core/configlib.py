@@ -11,6 +11,8 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
+import re
 import textwrap
 import types
 import typing
@@ -225,6 +227,11 @@ def load(cls, path: str | Path | None, overrides: list[str] | None = None, more=
     source = str(path) if path else "command line"
     problems: list[str] = []
     cfg = _build(cls, data, "", problems)
+    if isinstance(getattr(cfg, "output_dir", None), str):
+        cfg.output_dir = os.path.expandvars(cfg.output_dir)
+        unset = re.findall(r"\$\{?(\w+)", cfg.output_dir)
+        if unset:
+            problems.append(f"output_dir: environment variable(s) {', '.join(unset)} not set ({cfg.output_dir})")
     for check in (getattr(cfg, "validate", None), more and (lambda: more(cfg))):
         if cfg is None or check is None:
             continue

@@ -126,6 +126,25 @@ def standalone_env(gpu: int | None = None) -> dict[str, str]:
     return env
 
 
+def in_slurm_job(env=None) -> bool:
+    """Inside a SLURM allocation (a batch script, an srun step, salloc)."""
+    return "SLURM_JOB_ID" in (os.environ if env is None else env)
+
+
+def job_env(gpu: int | None = None, allocation: bool = False) -> dict[str, str]:
+    """The environment of a job that runs apart from this one (a downstream evaluation): standalone_env, without
+    this allocation's SLURM variables (SLURM_CONF kept) nor slurm/run_steps.sh's requeue marker. Its GPUs: number
+    `gpu`; or, for a job with an allocation of its own (sbatch), whatever SLURM gives it; else none at all (on a
+    CUDA machine the training's GPUs stay its own)."""
+    env = {k: v for k, v in standalone_env(gpu).items()
+           if not (k.startswith("SLURM_") and k != "SLURM_CONF") and k != "BERTLAUNCH_REQUEUE_FILE"}
+    if allocation:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    elif gpu is None and has_cuda():
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -177,6 +196,13 @@ def device():
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the process group; (0, 1) without one."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -188,6 +214,35 @@ def all_gather_object(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class _GatherRows(torch.autograd.Function):
+    """All ranks' rows in rank order, differentiable: the backward sums every rank's gradient of the gathered
+    rows (an all-reduce) and keeps this rank's own, so each rank's loss reaches the rows it came from."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, counts: tuple[int, ...], rank: int) -> torch.Tensor:
+        ctx.counts, ctx.rank = counts, rank
+        width = max(counts)  # all_gather needs equal shapes: pad every rank's rows to the most any rank has
+        padded = torch.cat([x, x.new_zeros(width - x.shape[0], *x.shape[1:])]) if x.shape[0] < width else x
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = sum(ctx.counts[:ctx.rank])
+        return grad[start:start + ctx.counts[ctx.rank]], None, None
+
+
+def gather_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """x [counts[rank], ...] on every rank -> [sum(counts), ...], rank 0's rows first; gradients flow back to the
+    rank each row came from (summed over the ranks' losses). One rank: x itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    return _GatherRows.apply(x, tuple(counts), dist.get_rank())
 
 
 _CONTROL = None

@@ -1,4 +1,5 @@
-"""Export a checkpoint to a Hugging Face model folder (the library half; `bertlaunch export` is the command).
+"""Export a checkpoint to a Hugging Face model folder (the library half; `bertlaunch export` is the command): a masked
+LM, a sequence classifier, or an encoder with the sentence-transformers files its task wrote (the embedding task).
 
 Works for every ZeRO stage without GPUs or a process group: the fp32 master weights are gathered from
 the per-rank partitions on disk (DeepSpeed's zero_to_fp32), or read from the model file for stage 0.
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from bertlaunch.core import hooks
 from bertlaunch.core.checkpoint import DS_TAG, verify
@@ -33,14 +34,30 @@ def gathered_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # lazy: see above
 
         try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+            merged = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
         except ValueError as e:
             if "not a zero checkpoint" not in str(e):
                 raise
+        else:
+            return _with_frozen(merged, tag_dir)
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     state = torch.load(model_file, map_location="cpu", weights_only=False)  # our own, verified file
     fp32 = _bf16_optimizer_masters(tag_dir, state)
     return fp32 if fp32 is not None else {k: v.float() for k, v in state["module"].items()}
+
+
+def _with_frozen(merged: dict, tag_dir: Path) -> dict:
+    """ZeRO 1 leaves frozen parameters (requires_grad=False, e.g. an embedding model's unused pooler) out of its
+    optimizer partitions and out of the merge; its model states file holds them whole (ZeRO 2 and 3 save them for
+    the merge)."""
+    model_file = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO 3 names its files per rank
+    if not model_file.is_file():
+        return merged
+    state = torch.load(model_file, map_location="cpu", weights_only=False)  # our own, verified file
+    for name, tensor in state["module"].items():
+        if name not in merged and tensor.numel():
+            merged[name] = tensor.float()
+    return merged
 
 
 def _bf16_optimizer_masters(tag_dir: Path, state: dict):
@@ -80,7 +97,8 @@ def export(ckpt: str | Path, out: str | Path, *, verify_manifest: bool = True) -
         raise ExportError(f"{ckpt} has no {HF_META}/config.json (not written by this launcher)")
     config = AutoConfig.from_pretrained(meta)
     task = json.loads((meta / "task.json").read_text()) if (meta / "task.json").is_file() else {}
-    cls = AutoModelForSequenceClassification if task.get("kind") == "classification" else AutoModelForMaskedLM
+    cls = {"classification": AutoModelForSequenceClassification, "embedding": AutoModel}.get(task.get("kind"),
+                                                                                         AutoModelForMaskedLM)
     model = cls.from_config(config)
     state = {k.removeprefix("hf."): v for k, v in gathered_state_dict(ckpt).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -92,8 +110,9 @@ def export(ckpt: str | Path, out: str | Path, *, verify_manifest: bool = True) -
     model.tie_weights()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
-    for f in meta.iterdir():  # tokenizer files (and task.json) travel with the model
-        if f.name != "config.json" and f.is_file():
-            (out / f.name).write_bytes(f.read_bytes())
+    for f in meta.rglob("*"):  # tokenizer files, task.json (and a sentence-transformers layout) travel with the model
+        if f.is_file() and f.relative_to(meta) != Path("config.json"):
+            (out / f.relative_to(meta)).parent.mkdir(parents=True, exist_ok=True)
+            (out / f.relative_to(meta)).write_bytes(f.read_bytes())
     return out
 

@@ -22,6 +22,9 @@ class Hooks(Protocol):
     def exporting(self) -> None:
         """Called before a checkpoint is exported to a Hugging Face folder."""
 
+    def uploading(self, name: str) -> None:
+        """Called in the upload thread before each file of a checkpoint goes to checkpoint.remote."""
+
 
 installed: Hooks | None = None
 

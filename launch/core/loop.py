@@ -20,6 +20,7 @@ from bertlaunch.core import dist, hooks
 from bertlaunch.core.config import CheckpointConfig, LogConfig, TrainConfig
 from bertlaunch.core.exits import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE
 from bertlaunch.core.export import ExportError, export
+from bertlaunch.core.jobs import Downstream
 from bertlaunch.core.layout import RunDir
 from bertlaunch.core.metrics import SpikeDetector
 from bertlaunch.core.plan import Plan, phase_at
@@ -35,12 +36,14 @@ class Trainer:
 
     def __init__(self, *, train: TrainConfig, log: LogConfig, checkpoint: CheckpointConfig, run_dir: RunDir, info,
                  engine, task: Task, state: TrainState, plan: Plan, metrics, saver, trainer_extra,
-                 peak_flops: float | None):
+                 peak_flops: float | None, downstream: Downstream | None = None):
         self.train, self.log, self.ckpt, self.run_dir = train, log, checkpoint, run_dir
         self.info, self.engine, self.task = info, engine, task
         self.state, self.phases, self.metrics, self.saver = state, plan.phases, metrics, saver
+        self.uploads = saver.uploads  # checkpoint.remote: the background uploads (launch/core/upload.py), or None
         self.phase, self.accum = None, plan.phases[0].accum
         self.stop_flag, self.trainer_extra, self.peak = StopFlag(), trainer_extra, peak_flops
+        self.downstream = downstream  # rank 0 of a run with eval.downstream: scores every export beside the training
         self.bad_in_row = 0
         # a host sync per micro-batch: on GPUs only when asked for (train.nan_check)
         self.check_each = train.nan_check == "micro_batch" or (
@@ -66,8 +69,12 @@ class Trainer:
         finally:
             if self.control is not None:  # every rank started it at the same step: it completes
                 self.control.wait()
+            if self.uploads is not None:
+                self.uploads.close()
             self.heartbeat.close()
             self.stop_flag.restore()
+            if self.downstream is not None:  # stopped early (or failed): children stop, unrecorded, for a resume
+                self.downstream.close()
 
     def _fit(self) -> int:
         task, engine = self.task, self.engine
@@ -136,18 +143,29 @@ class Trainer:
         if self.exports_due and self._progress(elapsed) >= self.exports_due[0] and not self._at_end():
             self.exports_due = [f for f in self.exports_due if f > self._progress(elapsed)]
             self.export(self.save())
+        if self.downstream is not None and (record is not None or (self.ckpt.every and step % self.ckpt.every == 0)):
+            self.downstream.poll()  # never waits: finished jobs' scores go into metrics.jsonl
         if signum:
             return self._stop(EXIT_REQUEUE, f"signal received: checkpoint saved at step {step}; exiting with "
                               f"code {EXIT_REQUEUE} (rerun the same command to resume)")
         return None
 
     def _stop(self, code: int, message: str, save: bool = True) -> int:
-        """The one way out before the last step: checkpoint (unless the state is suspect), say why, close."""
+        """The one way out before the last step: checkpoint (unless the state is suspect), finish its upload, say
+        why, close."""
         if save:
             self.save()
+        self._drain()
         self.metrics.info(message)
         self.metrics.close()
         return code
+
+    def _drain(self) -> None:
+        """checkpoint.remote: wait (collectively, bounded by checkpoint.upload_timeout_s) for the newest checkpoint's
+        upload; waiting on the network is not a hung rank."""
+        if self.uploads is not None:
+            self.heartbeat.pause()
+            self.uploads.drain()
 
     def _finish(self) -> int:
         # from here on rank 0 works alone at times (the final export): not a hang. Saving below beats the
@@ -158,8 +176,14 @@ class Trainer:
             ckpt = self.save()  # the final checkpoint is also the source of output_dir/final
             if self.exports_due:  # export_at 1.0 (or a fraction the last step jumped past)
                 self.export(ckpt)
+        self._drain()
+        self.saver.complete({self.state.step} | self.saver.protected)  # node-local output_dirs: from the remote
         self.task.finish(Ending(self.engine, self.state, self.saver.root, self.metrics.info))
+        if self.downstream is not None:  # rank 0 alone, after the last collective
+            self.downstream.finish(lambda: bool(self.stop_flag.signum))
         self.metrics.close()
+        if self.uploads is not None and self.info.is_main:  # after the last collective: rank 0 alone
+            self.uploads.outputs()
         return EXIT_OK
 
     def evaluate(self) -> dict:
@@ -191,8 +215,13 @@ class Trainer:
             os.replace(tmp, dest)
             self.metrics.info(f"exported step {self.state.step} ({self.state.step / self.task.total_steps:.0%} of "
                               f"the run): {dest}")
+            if self.uploads is not None:
+                self.uploads.export(dest)
         except (OSError, ExportError, RuntimeError, ValueError) as e:
             self.metrics.info(f"WARNING: export of {ckpt} failed ({e}); training continues")
+            return
+        if self.downstream is not None:
+            self.downstream.launch(dest, self.state.step, self.state.tokens)
 
     def save(self):
         self.heartbeat.beat(self.state.step)
@@ -248,12 +277,17 @@ class Trainer:
         """The stop signal and the elapsed time, the same on all ranks, without a wait between steps: each
         step starts a host all-reduce of its own values (gloo, its own group) and acts on the one the step
         before started, which completed while this step computed. A signal is thus acted on one step after
-        it arrives, by every rank at the same step. (One rank: no collective, no delay.)"""
-        started = dist.all_reduce_async([float(self.stop_flag.signum), self._elapsed()], "max")
-        if not started.in_flight:  # one rank: nothing to agree on
-            return started.wait()
-        previous, self.control = self.control, started
-        return (previous or started).wait()
+        it arrives, by every rank at the same step. (One rank: no collective, no delay.) The background uploads
+        agree the same way (launch/core/upload.py)."""
+        report = self.uploads.report() if self.uploads is not None else []  # checkpoint.remote: uploads done, failed
+        started = dist.all_reduce_async([float(self.stop_flag.signum), self._elapsed()] + report, "max")
+        if started.in_flight:  # else one rank: nothing to agree on
+            previous, self.control = self.control, started
+            started = previous or started
+        values = started.wait()
+        if self.uploads is not None:
+            self.uploads.agreed(values[2:])
+        return values[:2]
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         bad = 0.0 if torch.isfinite(loss.detach()).item() else 1.0  # the one host sync per micro-batch

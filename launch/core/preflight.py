@@ -10,7 +10,8 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from bertlaunch.core import dist
+from bertlaunch.core import dist, jobs
+from bertlaunch.core.downstream import export_steps
 from bertlaunch.core.engine import zero_stage
 from bertlaunch.core.exits import EXIT_CONFIG, EXIT_OK
 from bertlaunch.core.plan import Plan
@@ -72,13 +73,22 @@ def show(dry: Preflight, cfg, info: dist.DistInfo, p: Plan, model: Model | None,
                   f"global batch {ph.global_batch} = micro {ph.micro} x accumulation {ph.accum} x world "
                   f"{info.world_size}, {count(ph.global_batch * ph.block_size * (ph.end - ph.start))} token slots"
                   + phase_settings(ph.settings, c) + "; memory " + mem[zero_stage(p.ds_config)].strip())
+    export_at = sorted(cfg.checkpoint.export_at or [])
+    steps = [] if t.time_budget_h else export_steps(export_at, p.total_steps)
+    if export_at:
+        print("exports       " + ", ".join(f"{f:.0%}" for f in export_at)
+              + (" of the time budget" if t.time_budget_h else f" = step(s) {', '.join(map(str, steps))}")
+              + f" -> {cfg.output_dir}/exports/step_N/")
+    scoring = getattr(cfg.eval, "downstream", None)  # pretraining's eval.downstream
+    if scoring is not None and scoring.active():
+        print("\n".join(jobs.describe(scoring, info, cfg.output_dir, steps, resume.step)))
     if resume.path is None:
         print(f"resume        none: starts at step 0 (train.resume={t.resume})")
     else:
         saved = resume.saved
         print(f"resume        from {resume.path} at step {resume.step}" + (
             f" (resized from {saved['world_size']} rank(s) x {saved['workers']} worker(s))" if resume.resplit
-            else ""))
+            else "") + (f" (to be downloaded from {resume.source})" if resume.source else ""))
 
 
 def architecture(c) -> str:

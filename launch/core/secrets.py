@@ -41,6 +41,35 @@ def redact(obj, prefix: str = ""):
     return "<redacted>" if isinstance(obj, str) and _secret_value(obj) else obj
 
 
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with the values of secret-looking `key=value` overrides (and secret values) redacted."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        out.append(f"{key}=<redacted>" if eq and looks_secret(key, value) else redact(arg))
+    return out
+
+
+def secret_values(options: dict, prefix: str = "") -> list[str]:
+    """The values in a mapping (fsspec storage options) that look secret: those of key/secret/token/... entries."""
+    out = []
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out += secret_values(v, f"{prefix}{k}.")
+        elif isinstance(v, str) and v and (any(w in f"{prefix}{k}".lower() for w in SECRET_WORDS) or _secret_value(v)):
+            out.append(v)
+    return out
+
+
+def scrub(text: str, secrets: list[str] = ()) -> str:
+    """`text` (an error message of a storage library) with the given secrets and the environment's secret values
+    replaced by <redacted>."""
+    env = [v for n, v in os.environ.items() if v and len(v) >= 12 and any(w in n.lower() for w in SECRET_WORDS)]
+    for s in sorted(set(secrets) | set(env), key=len, reverse=True):
+        text = text.replace(s, "<redacted>")
+    return text
+
+
 def write_config(cfg, output_dir: str) -> None:
     """output_dir/config.yaml: the resolved config, secrets redacted, written atomically."""
     out = Path(output_dir)

@@ -47,6 +47,7 @@ class Resume:
     world_changed: bool = False  # another world size: ZeRO state re-split, RNG streams reseeded
     resplit: bool = False  # another world size or dataloader worker count: the unread data is re-split
     universal: bool = False  # the ZeRO partitions go through DeepSpeed's universal format
+    source: str | None = None  # the checkpoint.remote URL it was downloaded from (None: it was local)
 
     @property
     def step(self) -> int:

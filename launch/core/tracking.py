@@ -34,8 +34,18 @@ def api_key_configured() -> bool:
 
 
 class Tracker:
+    """Rows go to wandb at their step. A downstream score (launch/core/downstream.py) belongs to an export's step,
+    long past when it arrives: it goes into the step wandb is filling (`open_step`), under keys of its own job,
+    downstream/<job>/<metric>, plotted against downstream/<job>/tokens; a second row of the same job waits for the
+    next step (after the run's last row: a step of its own), so that no value overwrites another."""
+
     def __init__(self, run, skip_until: int = 0):
-        self.run, self.skip_until, self.failed = run, skip_until, False
+        self.run, self.failed = run, False
+        self.skip_until = skip_until  # steps already in wandb (a resumed run): not logged again
+        self.open_step = skip_until + 1
+        self.open_jobs: set[str] = set()  # downstream jobs already in open_step
+        self.pending: list[dict] = []  # downstream rows waiting for a step without their job
+        self.defined: set[str] = set()  # jobs whose x axis (their tokens) wandb knows
 
     @property
     def run_id(self) -> str:
@@ -44,15 +54,42 @@ class Tracker:
     def log(self, record: dict) -> None:
         if self.failed:
             return
+        if isinstance(record.get("downstream"), dict):
+            if "score" in record["downstream"]:  # a failed job has nothing to plot (metrics.jsonl has it)
+                self.pending.append(record)
+                self._flush_downstream()
+            return
         step = int(record.get("step", 0))
         if step <= self.skip_until:
             return
+        if step > self.open_step:
+            self.open_step, self.open_jobs = step, set()
         try:
             self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
         except Exception as e:  # a tracking hiccup must not cost a training run
             self._fail(e)
+        self._flush_downstream()
+
+    def _flush_downstream(self) -> None:
+        for row in list(self.pending):
+            job = row["downstream"]["job"]
+            if job in self.open_jobs or self.failed:
+                continue
+            self.pending.remove(row)
+            self.open_jobs.add(job)
+            try:
+                if job not in self.defined:
+                    self.run.define_metric(f"downstream/{job}/tokens")
+                    self.run.define_metric(f"downstream/{job}/*", step_metric=f"downstream/{job}/tokens")
+                    self.defined.add(job)
+                self.run.log(downstream_items(row), step=self.open_step)
+            except Exception as e:
+                self._fail(e)
 
     def finish(self) -> None:
+        while self.pending and not self.failed:  # nothing follows the run's last row: a step each
+            self.open_step, self.open_jobs = self.open_step + 1, set()
+            self._flush_downstream()
         if self.failed:
             return
         try:
@@ -64,6 +101,15 @@ class Tracker:
         self.failed = True
         warnings.warn(f"wandb failed ({type(e).__name__}: {e}); training continues, metrics.jsonl is complete",
                       stacklevel=3)
+
+
+def downstream_items(row: dict) -> dict:
+    """A downstream row's wandb values: downstream/<job>/<metric> for each score, /score (its main one), /tokens and
+    /step (the export's)."""
+    d = row["downstream"]
+    key = f"downstream/{d['job']}"
+    return {f"{key}/{k}": v for k, v in d["scores"].items()} | {
+        f"{key}/score": d["score"], f"{key}/tokens": row["tokens"], f"{key}/step": row["step"]}
 
 
 def auto_mode() -> tuple[str, str]:
@@ -116,22 +162,30 @@ def resume_tracker(tracker: Tracker, output_dir: str, start_step: int, previous_
     The attempt that died may have reached wandb only up to some step (its last flush, or the last upload
     online). Rows after that and up to the checkpoint are replayed from metrics.jsonl (durable, already
     truncated to the checkpoint); rows after the checkpoint are recomputed identically by the resumed run
-    and logged live. If what wandb holds cannot be read, nothing is replayed and steps the old attempt
+    and logged live. Downstream scores the resume kept in metrics.jsonl go to wandb when its history lacks them
+    (by job and tokens). If what wandb holds cannot be read, nothing is replayed and steps the old attempt
     logged are skipped (the old behaviour: no duplicates, perhaps a gap)."""
     run_id = tracker.run_id
-    known = [getattr(tracker.run, "starting_step", 0) - 1]
+    known, scored = [getattr(tracker.run, "starting_step", 0) - 1], set()
     try:
         for d in RunDir(output_dir).wandb.glob(f"*run-*-{run_id}"):
-            known += [step for rid, step, _ in read_history(d) if rid in (run_id, None)]
+            for rid, step, items in read_history(d):
+                if rid in (run_id, None):
+                    known.append(step)
+                    scored |= {(k[len("downstream/"):-len("/tokens")], v) for k, v in items.items()
+                               if k.startswith("downstream/") and k.endswith("/tokens")}
         last = max(known)
     except Exception:  # an unreadable log (other wandb version): fall back to skipping
-        tracker.skip_until = previous_max_step
+        tracker.skip_until, tracker.open_step = previous_max_step, previous_max_step + 1
         return
-    tracker.skip_until = last
+    tracker.skip_until, tracker.open_step = last, last + 1
     path = RunDir(output_dir).metrics
     rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
     for row in rows:
-        if last < row.get("step", 0) <= start_step:
+        d = row.get("downstream")
+        if d is None and last < row.get("step", 0) <= start_step:
+            tracker.log(row)
+        elif isinstance(d, dict) and (d.get("job"), row.get("tokens")) not in scored:  # kept by the resume
             tracker.log(row)
 
 

@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bertlaunch check-resume", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True)
-    p.add_argument("--entry", default="pretrain", choices=["pretrain", "finetune"])
+    p.add_argument("--entry", default="pretrain", choices=["pretrain", "finetune", "embed"])
     p.add_argument("--ranks", type=int, default=0, help="0: one process without a launcher; N: deepspeed, N ranks")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     p.add_argument("--kill-after", type=int, default=None, help="SIGKILL once this step is logged "

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from bertlaunch.core.configlib import REQUIRED, field_docs
 from bertlaunch.tasks.classify.config import FinetuneConfig
+from bertlaunch.tasks.embed.config import EmbedConfig
 from bertlaunch.tasks.glue.config import GlueConfig
 from bertlaunch.tasks.mlm.config import PretrainConfig
 
 ENTRIES = [("pretrain", "launch/pretrain.py", PretrainConfig), ("finetune", "launch/finetune.py", FinetuneConfig),
-           ("glue", "launch/glue.py", GlueConfig)]
+           ("glue", "launch/glue.py", GlueConfig), ("embed", "launch/embed.py", EmbedConfig)]
 OUT = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
 

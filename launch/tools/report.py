@@ -1,9 +1,10 @@
 """Run report without an account: `bertlaunch report OUTPUT_DIR [OUTPUT_DIR ...] [--out DIR]`.
 
 Reads each run's metrics.jsonl and writes PNG plots (loss and eval curves, learning rate, throughput,
-MFU; several runs overlaid) and report.md (final metrics, tokens, wall time, GPU-hours) into --out
-(default: the first run's folder, report/). A GLUE suite's output_dir stands for all of its runs
-(<task>/seed_<s>), and its results table heads the report.
+MFU, eval.downstream's scores against tokens; several runs overlaid) and report.md (final metrics, tokens, wall
+time, GPU-hours, downstream scores and failed downstream jobs) into --out (default: the first run's folder,
+report/). A GLUE suite's output_dir stands for all of its runs (<task>/seed_<s>), and its results table heads the
+report.
 """
 
 from __future__ import annotations
@@ -44,6 +45,38 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def downstream(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """eval.downstream's scores: '<job> (<metric>)' -> [(tokens, score), ...] in token order."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        d = r.get("downstream")
+        if isinstance(d, dict) and d.get("score") is not None:
+            out.setdefault(f"{d['job']} ({d['metric']})", []).append((r["tokens"], d["score"]))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def plot_downstream(runs: dict[str, list[dict]], out: Path, plt) -> list[str]:
+    """downstream.png: each downstream job's score against the tokens trained (one panel per job)."""
+    curves = {name: downstream(records) for name, records in runs.items()}
+    jobs = sorted({job for c in curves.values() for job in c})
+    if not jobs:
+        return []
+    fig, axes = plt.subplots(1, len(jobs), figsize=(5.5 * len(jobs), 3.6), squeeze=False)
+    for ax, job in zip(axes[0], jobs):
+        for name, c in curves.items():
+            if job in c:
+                ax.plot([t for t, _ in c[job]], [v for _, v in c[job]], marker="o", label=name)
+        ax.set_title(f"downstream: {job}")
+        ax.set_xlabel("tokens")
+        ax.grid(alpha=0.3)
+        if len(runs) > 1:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "downstream.png", dpi=110)
+    plt.close(fig)
+    return ["downstream.png"]
+
+
 def plot(runs: dict[str, list[dict]], out: Path) -> list[str]:
     import matplotlib  # lazy: an optional extra (pip install .[report]); report.md is written without it
 
@@ -72,7 +105,7 @@ def plot(runs: dict[str, list[dict]], out: Path) -> list[str]:
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         written.append(fname)
-    return written
+    return written + plot_downstream(runs, out, plt)
 
 
 def summary(name: str, records: list[dict], run: Path) -> dict:
@@ -126,6 +159,11 @@ def main(argv=None) -> int:
     keys = [k for k in rows[0] if k != "best"] + sorted({k for r in rows for k in r} - set(rows[0]) - {"best"})
     lines = ["# Run report", ""] + head + ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
+    for name, records in runs.items():
+        for job, points in downstream(records).items():
+            lines += ["", f"Downstream {job} of {name}: " + ", ".join(f"{fmt(v)} at {t} tokens" for t, v in points)]
+        failed = [(r["step"], r["downstream"]) for r in records if "failed" in (r.get("downstream") or {})]
+        lines += [f"- FAILED: {d['job']} of step {step}: {d['failed']} (log: {d['log']})" for step, d in failed]
     for r in rows:
         if r.get("best"):
             lines += ["", f"Best evaluation of {r['run']}: " + ", ".join(f"{k}={fmt(v)}" for k, v in r["best"].items())]

@@ -115,7 +115,8 @@ class FinetuneEvalConfig(EvalConfig):
 @dataclass
 class FinetuneConfig:
     output_dir: str = REQUIRED
-    """Where config.yaml, metrics.jsonl, eval_results.json, predictions.tsv, checkpoints/, final/ go."""
+    """Where config.yaml, metrics.jsonl, eval_results.json, predictions.tsv, checkpoints/, final/ go. $VAR / ${VAR}
+    are expanded in each process (node-local scratch)."""
     tokenizer: str | None = None
     """Tokenizer folder (None: the one saved with model.pretrained)."""
     model: ModelConfig = field(default_factory=ModelConfig)

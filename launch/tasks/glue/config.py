@@ -68,7 +68,8 @@ NOT_PER_TASK = {("train", "seed"): "the seeds come from glue.seeds",
 @dataclass
 class GlueConfig:
     output_dir: str = REQUIRED
-    """glue_results.json/.md, submission/ (+ .zip) and one fine-tuning output_dir per run: <task>/seed_<s>/."""
+    """glue_results.json/.md, submission/ (+ .zip) and one fine-tuning output_dir per run: <task>/seed_<s>/.
+    $VAR / ${VAR} are expanded in each process (node-local scratch)."""
     tokenizer: str | None = None
     """Tokenizer folder (None: the one saved with model.pretrained)."""
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -68,6 +68,8 @@ def finetune_dict(cfg, run: Run) -> dict:
     ft = {k: copy.deepcopy(d[k]) for k in SHARED} | {"output_dir": str(run.out), "task": _task_section(cfg, run.task)}
     ft["train"]["seed"] = run.seed
     ft["eval"]["metric"] = run.task.metrics[0]
+    if ft["checkpoint"]["remote"]:  # each run its own remote folder, as its own output_dir
+        ft["checkpoint"]["remote"] = f"{ft['checkpoint']['remote'].rstrip('/')}/{run.task.name}/seed_{run.seed}"
     wandb = ft["log"]["wandb"]
     wandb["name"] = f"{wandb['name'] or Path(cfg.output_dir).name}-{run.task.name}-seed{run.seed}"
     wandb["tags"] = list(wandb["tags"]) + ["glue", run.task.name]

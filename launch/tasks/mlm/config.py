@@ -18,8 +18,10 @@ from bertlaunch.core.config import (
     validate_common,
 )
 from bertlaunch.core.configlib import REQUIRED
+from bertlaunch.core.downstream import DownstreamConfig, validate_downstream
 from bertlaunch.core.plan import PhaseSpec
 from bertlaunch.data.corpus.storage import configure, is_remote
+from bertlaunch.tasks.glue.downstream import suite_problems
 
 DEFAULT_STEPS = 1000  # train.max_steps when no length is given
 
@@ -139,6 +141,10 @@ class PretrainModelConfig(ModelConfig):
 class PretrainEvalConfig(EvalConfig):
     max_batches: int | None = None
     """Cap on eval batches per rank (None: the whole eval set)."""
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    """Downstream scores during pretraining: every checkpoint.export_at export is fine-tuned on GLUE tasks and/or
+    scored on retrieval sets by jobs that run beside the training (a child process or an sbatch job); the scores
+    go into metrics.jsonl and wandb against tokens."""
 
 
 @dataclass
@@ -166,7 +172,8 @@ class PretrainTrainConfig(TrainConfig):
 @dataclass
 class PretrainConfig:
     output_dir: str = REQUIRED
-    """Where config.yaml, metrics.jsonl, checkpoints/ and final/ go."""
+    """Where config.yaml, metrics.jsonl, checkpoints/ and final/ go. $VAR / ${VAR} are expanded in each process
+    (node-local scratch, e.g. /scratch/$SLURM_JOB_ID/run; checkpoint.remote then holds every node's files)."""
     tokenizer: str = "bert-base-uncased"
     """Tokenizer folder or tokenizer.json; bert-base-uncased resolves to an offline copy of its vocab."""
     model: PretrainModelConfig = field(default_factory=PretrainModelConfig)
@@ -275,7 +282,8 @@ class PretrainConfig:
             p.append(f"set one warmup, not {' and '.join('train.' + k for k in warmups)}")
         if d.max_chunk_bytes is not None and d.max_chunk_bytes < 1024:
             p.append(f"data.max_chunk_bytes must be >= 1024, got {d.max_chunk_bytes}")
-        return p
+        return p + validate_downstream(self.eval.downstream, self.checkpoint.export_at or []) + suite_problems(
+            self.eval.downstream.glue)
 
 
 def first_phase(t: PretrainTrainConfig, block_size: int) -> tuple[int | None, int | None, int, int | None]:

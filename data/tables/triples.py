@@ -1,0 +1,96 @@
+"""Embedding-task rows: (query, positive[, hard negative]) texts from a .jsonl, .tsv, .csv or .parquet table, local or
+remote (data/tables/read.py), each column tokenized on its own ([CLS] text [SEP], truncated), and batches of them.
+
+A training step's rows are drawn as fine-tuning's are (data/tables/pairs.py: epoch_order, split_global), so the
+step -> rows map depends on (seed, epoch) only, never on the world size. The texts of a micro-batch (its queries,
+then its positives, then its negatives) are padded to their longest and encoded in one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from bertlaunch.data.corpus.shards import DataError
+from bertlaunch.data.tables.read import Rows, read_rows, require_columns
+
+
+@dataclass
+class TripleColumns:
+    """Where the texts are (the embedding config's `task` section)."""
+
+    train_file: str
+    format: str
+    query: str
+    positive: str
+    negative: str | None
+    max_length: int
+    max_train_examples: int | None
+
+
+@dataclass
+class Triples:
+    path: str
+    columns: list[str]  # the config keys' columns in order: query, positive(, negative)
+    texts: list[list[np.ndarray]]  # per column: int32 token ids per row, [CLS] text [SEP]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.texts[0])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens of each row, all its columns together (what a row costs)."""
+        return np.sum([[len(x) for x in col] for col in self.texts], axis=0).astype(np.int64)
+
+
+def column_texts(t: Rows, column: str, key: str) -> list[str]:
+    """The column's texts; a row without one (missing, null, blank, not a string) names its line and the fix."""
+    out = []
+    for i, row in enumerate(t.rows):
+        v = row.get(column)
+        if not isinstance(v, str) or not v.strip():
+            what = "is missing" if v is None else f"is {'empty' if isinstance(v, str) else type(v).__name__}"
+            raise DataError(f"{t.path}: {t.where(i)}: column '{column}' ({key}) {what}; every row needs a text "
+                            "there: fill it or drop the row")
+        out.append(v)
+    return out
+
+
+def load_triples(c: TripleColumns, tokenizer) -> Triples:
+    named = {"task.query": c.query, "task.positive": c.positive} | ({"task.negative": c.negative} if c.negative else {})
+    t = read_rows(c.train_file, c.format, only=list(named.values()))
+    require_columns(t, named)
+    if c.max_train_examples:
+        t = Rows(t.path, t.columns, t.rows[:c.max_train_examples], t.lines[:c.max_train_examples])
+    texts = [encode_texts(tokenizer, column_texts(t, col, key), c.max_length) for key, col in named.items()]
+    return Triples(t.path, list(named.values()), texts, tokenizer.pad_token_id)
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> list[np.ndarray]:
+    """[CLS] text [SEP] ids, truncated to max_length (as sentence-transformers tokenizes)."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False, return_attention_mask=False,
+                    return_token_type_ids=False)
+    return [np.asarray(x, dtype=np.int32) for x in enc["input_ids"]]
+
+
+def pad_texts(ids: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, attention_mask int64[n, longest] (one row of a single pad when n = 0)."""
+    width = max((len(x) for x in ids), default=1)
+    out = np.full((max(len(ids), 1), width), pad_id, dtype=np.int64)
+    mask = np.zeros_like(out)
+    for row, x in enumerate(ids):
+        out[row, :len(x)], mask[row, :len(x)] = x, 1
+    return {"input_ids": torch.from_numpy(out), "attention_mask": torch.from_numpy(mask)}
+
+
+def collate_rows(d: Triples, idx: np.ndarray) -> dict:
+    """One micro-batch of rows: their texts column after column ([n queries; n positives(; n negatives)]) padded
+    together, and the host-side counts."""
+    ids = [col[i] for col in d.texts for i in idx]
+    batch = pad_texts(ids, d.pad_id)
+    n_real = int(sum(len(x) for x in ids))
+    return batch | {"meta": {"index": [int(i) for i in idx], "n": len(idx), "n_real": n_real,
+                             "n_slots": len(ids) * batch["input_ids"].shape[1], "texts": len(ids)}}
