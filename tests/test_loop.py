@@ -120,10 +120,14 @@ class FakeTask:
 class FakeSaver:
     def __init__(self, root: Path):
         self.root, self.protected, self.saved = root, set(), []
+        self.uploads = None  # no checkpoint.remote
 
     def save(self, engine, step, trainer_state):
         self.saved.append(step)
         return self.root / f"step_{step:08d}"
+
+    def complete(self, steps):  # one shared output_dir: nothing to fetch
+        pass
 
 
 def make_trainer(tmp_path, task: FakeTask, accum: int = 1, phases=None, **cfg_changes) -> Trainer:

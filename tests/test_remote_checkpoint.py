@@ -173,6 +173,11 @@ def no_aws_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    # in-process runs: an S3 filesystem that an earlier test made (with the moto session's credentials) is cached
+    # by fsspec per constructor arguments, and would be handed back instead of a fresh one reading this environment
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_an_s3_corpus_without_credentials_is_a_clear_error(tmp_path, tiny_config, inproc, no_aws_credentials):
