@@ -114,22 +114,22 @@ def test_a_resume_neither_reruns_nor_duplicates_nor_loses_a_score(tmp_path, corp
     that score without running its job again, reruns the job of step 8 (killed with the training), and every export
     has its score exactly once."""
     cfg = build_config(tmp_path, "pretrain", {
-        "data.train_files": [corpus(600)], "train.max_steps": 40, "log.every": 1, "checkpoint.every": 2,
-        "checkpoint.export_at": [0.1, 0.2, 1.0], "eval.downstream": {"commands": [command("score", HOLD)]}})
+        "data.train_files": [corpus(600)], "train.max_steps": 100, "log.every": 1, "checkpoint.every": 4,
+        "checkpoint.export_at": [0.04, 0.08, 1.0], "eval.downstream": {"commands": [command("score", HOLD)]}})
     out = tmp_path / "out"
     (tmp_path / "hold_8").touch()
     job = Job("pretrain", 0, cfg, [])
     job.wait_until(lambda: [r["step"] for r in rows_of(out)[1]] == [4] and 8 in dict(runs(tmp_path))
                    and committed_step(out) >= 8, 300, "the score of step 4 and the job of step 8")
     job.kill()
-    assert last_step(out / "metrics.jsonl") < 40
+    assert last_step(out / "metrics.jsonl") < 100  # killed mid-run: 100 steps leave the jobs time to start
     _wait_dead(dict(runs(tmp_path))[8])  # the job died with the training
     (tmp_path / "hold_8").unlink()
     run("pretrain", 0, cfg, [])
     tokens, scores = rows_of(out)
     assert [(r["step"], r["tokens"], r["downstream"]["score"]) for r in scores] == [
-        (4, tokens[4], 0.04), (8, tokens[8], 0.08), (40, tokens[40], 0.4)]
-    assert sorted(step for step, _ in runs(tmp_path)) == [4, 8, 8, 40]
+        (4, tokens[4], 0.04), (8, tokens[8], 0.08), (100, tokens[100], 1.0)]
+    assert sorted(step for step, _ in runs(tmp_path)) == [4, 8, 8, 100]
 
 
 def runs(folder) -> list[tuple[int, int]]:

@@ -175,8 +175,11 @@ def no_aws_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     # in-process runs: an S3 filesystem that an earlier test made (with the moto session's credentials) is cached
     # by fsspec per constructor arguments, and would be handed back instead of a fresh one reading this environment
+    # (and the one made here without credentials must not be handed to a later test)
     import s3fs
 
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield
     s3fs.S3FileSystem.clear_instance_cache()
 
 

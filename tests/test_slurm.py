@@ -41,10 +41,10 @@ def need_slurm():
 CPU_ONLY = ["--gpus-per-node=0", "--cpus-per-task=1", "--time=30:00"]
 
 
-def sbatch(script: str, args: list[str], opts: list[str], tmp_path) -> str:
+def sbatch(script: str, args: list[str], opts: list[str], tmp_path, **env_extra) -> str:
     cmd = ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={tmp_path}/slurm-%j.out", *CPU_ONLY, *opts,
            str(REPO / "slurm" / script), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env(**env_extra), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -108,30 +108,53 @@ def two_node_config(tiny_config, corpus):
                                     "log.wandb.mode": "offline", "checkpoint.every": 4, "checkpoint.keep_last": 2})
 
 
-def test_two_nodes_match_one_machine_through_preemption(tmp_path, tiny_config, corpus):
+def test_two_nodes_match_one_machine_through_preemption_on_wiped_disks(tmp_path, tiny_config, corpus, s3_server):
     """sbatch --nodes=2 --ntasks-per-node=1 trains bit-identically to 2 ranks on one machine (which srun's ranks
-    on one node also match), also when preempted mid-run (USR1 to the batch script, checkpoint, exit 75,
-    requeue, resume on both nodes)."""
+    on one node also match), also when preempted mid-run (USR1 to the batch script, checkpoint, upload, exit 75,
+    requeue) onto nodes whose output_dirs were wiped meanwhile: each node writes its own disk
+    (output_dir=.../$SLURMD_NODENAME), and the requeued job resumes from checkpoint.remote (a real S3 API)."""
+    from tests.conftest import S3Server
+
     nodes = two_nodes()
+    _, client = s3_server
+    bucket = f"slurm-{os.getpid()}"
+    client.create_bucket(Bucket=bucket)
+    # the nodes reach the host at the bridge's address (.ci/slurm-cluster.sh); the same moto backend serves it
+    bridge = S3Server(host="10.77.0.1")
     cfg = two_node_config(tiny_config, corpus)
-    one_node, two_node = tmp_path / "one_node", tmp_path / "two_node"
+    one_node, disks = tmp_path / "one_node", tmp_path / "disks"
     run("pretrain", 2, cfg, [f"output_dir={one_node}", "log.wandb.mode=disabled"])
-    job = sbatch("pretrain.sbatch", [str(cfg), f"output_dir={two_node}"], ["--nodes=2", "--ntasks-per-node=1"],
-                 tmp_path)
-    wait_done(job, until=lambda i: last_step(two_node / "metrics.jsonl") >= 6)
+    job = sbatch("pretrain.sbatch", [str(cfg), f"output_dir={disks}/$SLURMD_NODENAME",
+                                     f"checkpoint.remote=s3://{bucket}/run"], ["--nodes=2", "--ntasks-per-node=1"],
+                 tmp_path, AWS_ENDPOINT_URL=bridge.endpoint)
+    rank0 = disks / nodes[0]  # the first node of the allocation holds rank 0
+    wait_done(job, until=lambda i: last_step(rank0 / "metrics.jsonl") >= 6)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)  # what --signal=B:USR1 does
-    info = wait_done(job, until=lambda i: release_requeued(job, i) and i.get("JobState") == "COMPLETED")
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log_of(tmp_path, job)
+    first_run: set[str] = set()
+
+    def requeued_on_new_disks(info: dict) -> bool:
+        if int(info.get("Restarts", 0)) >= 1 and info.get("JobState") == "PENDING" and disks.exists():
+            first_run.update(p.name.rsplit("-", 1)[-1] for p in (rank0 / "wandb").glob("offline-run-*"))
+            shutil.rmtree(disks)  # both nodes' disks: new nodes
+        return release_requeued(job, info) and info.get("JobState") == "COMPLETED"
+
+    try:
+        info = wait_done(job, until=requeued_on_new_disks)
+    finally:
+        bridge.stop()
     log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
     assert f"on {nodes[0][:-1]}[1-2]" in log or f"on {','.join(nodes)}" in log, log[:500]
     assert "ranks exited with code 75" in log and "requeueing job" in log
-    assert_resumed(log, two_node, saved_on_signal(log))  # the requeued job's own line
-    assert compare(one_node, two_node) == []  # losses and final weights bit-identical across nodes and preemption
-    trainers = sorted((two_node / "checkpoints").glob("step_*/trainer.json"))
+    step = saved_on_signal(log)
+    assert_resumed(log, rank0, step)  # the requeued job's own line
+    assert f"(downloaded from s3://{bucket}/run/step_{step:08d})" in log
+    assert compare(one_node, rank0) == []  # losses and final weights bit-identical across nodes and preemption
+    trainers = sorted((rank0 / "checkpoints").glob("step_*/trainer.json"))
     assert json.loads(trainers[-1].read_text())["world_size"] == 2
-    # the requeued job continued the same (offline) wandb run
-    runs = {p.name.rsplit("-", 1)[-1] for p in (two_node / "wandb").glob("offline-run-*")}
-    assert len(runs) == 1
+    # the requeued job continued the same (offline) wandb run: its id came back with the checkpoint
+    runs = {p.name.rsplit("-", 1)[-1] for p in (rank0 / "wandb").glob("offline-run-*")}
+    assert len(first_run) == 1 and runs == first_run
 
 
 @pytest.mark.skipif(os.environ.get("BERTLAUNCH_FULL") != "1", reason="CI time (about 40 s): BERTLAUNCH_FULL=1 runs "

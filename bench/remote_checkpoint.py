@@ -1,0 +1,117 @@
+"""What checkpoint.remote costs the training: steps/s with uploads in flight, and the time the ranks are blocked
+per checkpoint, against the same run without a remote, side by side (interleaved rounds, one process each).
+
+    python bench/remote_checkpoint.py [--preset small] [--steps 60] [--every 10] [--rounds 3] [--remote s3|file]
+
+The model is big enough that a checkpoint takes seconds on the CPU (`small`: 4 x 512 BERT, ~29M parameters,
+fp32 weights + Adam moments: ~0.45 GB per checkpoint). The remote is a real S3 API on localhost (moto in
+server mode, in this process, reached through s3fs like a cloud bucket) or, with --remote file, a second folder
+(file://). Both are on this machine, so the uploader's work (hashing, copying, the S3 server) competes with
+training for the same cores: an upper bound of what a remote costs next to a network bucket.
+
+From each run's metrics.jsonl (log.every=1: `time` is the training wall time at each step):
+- steps/s = steps / training time, the saves and uploads included;
+- blocked per checkpoint = the duration of the step that follows a save minus the median step (the save runs
+  between two steps; everything the ranks wait for lands there).
+Goals (issue 24): steps/s with a remote >= 0.9x without; blocked per checkpoint <= 1.05x.
+Writes bench/results/remote_checkpoint_<machine>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.env import bench_parser, machine_info, repeat_corpus, run_pretrain, write_result  # noqa: E402
+
+
+def start_s3() -> str:
+    """A moto S3 server on localhost with the bucket `bench`; the environment of the runs points at it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.get_host_and_port()[1]}",
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    boto3.client("s3").create_bucket(Bucket="bench")
+    return "s3://bench"
+
+
+def timings(metrics: Path, every: int) -> dict:
+    """steps/s and the blocked seconds per checkpoint from one run's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    times = {r["step"]: r["time"] for r in rows if "loss" in r and "time" in r}
+    steps = sorted(times)
+    dur = {s: times[s] - times[p] for p, s in zip(steps, steps[1:])}
+    after_save = {s for s in dur if (s - 1) % every == 0 and s > 1}
+    plain = statistics.median(d for s, d in dur.items() if s not in after_save)
+    blocked = [dur[s] - plain for s in sorted(after_save)]
+    return {"steps": len(steps), "train_s": times[steps[-1]], "steps_per_s": (steps[-1] - steps[0]) / (
+        times[steps[-1]] - times[steps[0]]), "median_step_s": plain, "blocked_per_checkpoint_s": blocked}
+
+
+def main() -> None:
+    ap = bench_parser(__doc__)
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--every", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--remote", choices=["s3", "file"], default="s3")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        base = start_s3() if args.remote == "s3" else f"file://{tmp / 'second_disk'}"
+        corpus = repeat_corpus(args.files, 1, tmp)
+        cfg = tmp / "run.yaml"
+        cfg.write_text(yaml.safe_dump({
+            "model": {"preset": args.preset},
+            "data": {"train_files": [str(corpus)], "block_size": 128, "num_workers": 1, "txt_documents": "line"},
+            "train": {"max_steps": args.steps, "micro_batch_size": 8, "lr": 1e-4, "warmup_steps": 5,
+                      "precision": "fp32"},
+            "deepspeed": {"config": "ds_configs/zero0.json"}, "eval": {"every": 0},
+            "log": {"every": 1, "progress": False, "wandb": {"mode": "disabled"}},
+            "checkpoint": {"every": args.every, "keep_last": 2, "at_end": False}}))
+        runs: dict[str, list[dict]] = {"local": [], "remote": []}
+        for rnd in range(args.rounds):
+            order = ("local", "remote") if rnd % 2 == 0 else ("remote", "local")  # neither always goes first
+            for kind in order:
+                out = tmp / f"{kind}{rnd}"
+                extra = [f"checkpoint.remote={base}/run{rnd}"] if kind == "remote" else []
+                wall = run_pretrain(cfg, f"output_dir={out}", *extra)
+                t = timings(out / "metrics.jsonl", args.every)
+                t["wall_s"] = wall
+                if kind == "remote":  # what the run left there: every checkpoint it kept, committed
+                    t["checkpoint_bytes"] = sum(p.stat().st_size for p in (out / "checkpoints").rglob("*")
+                                                if p.is_file() and f"step_{args.steps - args.steps % args.every:08d}"
+                                                in str(p))
+                runs[kind].append(t)
+                print(kind, rnd, json.dumps({k: v for k, v in t.items() if k != "blocked_per_checkpoint_s"}),
+                      flush=True)
+    sps = {k: statistics.median(r["steps_per_s"] for r in v) for k, v in runs.items()}
+    blocked = {k: statistics.median(b for r in v for b in r["blocked_per_checkpoint_s"]) for k, v in runs.items()}
+    ratio_sps = [r["steps_per_s"] / loc["steps_per_s"] for r, loc in zip(runs["remote"], runs["local"])]
+    res = {"machine": machine_info(), "command": " ".join(sys.argv), "remote": args.remote, "preset": args.preset,
+           "steps": args.steps, "checkpoint_every": args.every, "runs": runs,
+           "summary": {"steps_per_s_local": sps["local"], "steps_per_s_remote": sps["remote"],
+                       "steps_per_s_ratio_median_of_rounds": statistics.median(ratio_sps),
+                       "blocked_per_checkpoint_s_local": blocked["local"],
+                       "blocked_per_checkpoint_s_remote": blocked["remote"],
+                       "blocked_ratio": blocked["remote"] / blocked["local"],
+                       "checkpoint_bytes": runs["remote"][0].get("checkpoint_bytes"),
+                       "goals": "steps_per_s ratio >= 0.9, blocked ratio <= 1.05"}}
+    write_result(res, f"remote_checkpoint_{args.remote}", args.out)
+
+
+if __name__ == "__main__":
+    main()
