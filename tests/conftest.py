@@ -168,3 +168,11 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def pytest_collection_modifyitems(items):
+    """test.sh runs the suite on two pytest-xdist workers (--dist loadgroup): the tests that submit SLURM jobs share
+    the two-node cluster and go to one worker, one after another."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.xdist_group("slurm"))

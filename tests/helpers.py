@@ -382,3 +382,12 @@ def write_glue(root: Path, tasks=tuple(GLUE_LAYOUT), n_train=48, n_dev=16, n_tes
             (root / "diagnostic").mkdir(exist_ok=True)
             table(root / "diagnostic" / "diagnostic.tsv", ["index", "sentence1", "sentence2"], labels, 10, test=True)
     return root
+
+
+def full_only(why: str):
+    """Marks a test that CI (12 minutes on 2 cores) leaves out: `why` names what covers its behaviour there.
+    BERTLAUNCH_FULL=1 runs it (before a release, or when touching what it guards)."""
+    import pytest
+
+    return pytest.mark.skipif(os.environ.get("BERTLAUNCH_FULL") != "1",
+                              reason=f"CI time: BERTLAUNCH_FULL=1 runs it ({why})")

@@ -14,7 +14,11 @@ CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 
 def entry_of(name: str) -> str:
     data = yaml.safe_load((REPO / "configs" / name).read_text())
-    return "glue" if "glue" in data else "finetune" if "task" in data else "pretrain"
+    if "glue" in data:
+        return "glue"
+    if "task" in data:  # the embedding task's rows are (query, positive); fine-tuning's (text_a[, text_b], label)
+        return "embed" if "positive" in data["task"] else "finetune"
+    return "pretrain"
 
 
 def stand_ins(name: str, tmp_path) -> list[str]:
@@ -26,6 +30,13 @@ def stand_ins(name: str, tmp_path) -> list[str]:
         return [f"data.train_files=[{corpus}]", "data.num_workers=1"]
     if name == "pipeline_finetune.yaml":
         return ["model.pretrained=minilm"]  # the pipeline's pretraining output does not exist here
+    if name == "embed_minilm.yaml":  # its data is made by the command in its header
+        from bertlaunch.tools import pair_retrieval
+
+        mrpc = REPO.parent / "shared" / "data" / "mrpc"
+        assert pair_retrieval.main([str(tmp_path / "pairs"), "--train", str(mrpc / "train.tsv"),
+                                    "--eval", str(mrpc / "test.tsv")]) == 0
+        return [f"task.train_file={tmp_path / 'pairs' / 'train.jsonl'}", f"task.eval_dir={tmp_path / 'pairs' / 'beir'}"]
     return []
 
 

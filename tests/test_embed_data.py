@@ -92,3 +92,23 @@ def test_beir_problems_name_the_file_line_and_fix(tmp_path, case):
         want = rf"{qrels}: no qrels for split 'test'; this folder has: dev \(set the split\)"
     with pytest.raises(DataError, match=want):
         load_beir(str(root))
+
+
+def test_labelled_pairs_become_training_rows_and_a_beir_folder_our_reader_takes(tmp_path, capsys):
+    """tools/pair_retrieval on MRPC's layout (byte-order mark, unbalanced quotes): positive pairs train; the eval
+    file's positives are the queries, all its second sentences the corpus."""
+    from bertlaunch.tools import pair_retrieval
+
+    head = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
+    (tmp_path / "train.tsv").write_text(head + '1\t1\t2\tsaid "yes\tanswered yes\n0\t3\t4\ta cat\ta dog\n')
+    (tmp_path / "test.tsv").write_text(head + "1\t5\t6\tred car\ta car that is red\n0\t7\t8\tblue sky\tgreen sea\n")
+    assert pair_retrieval.main([str(tmp_path / "out"), "--train", str(tmp_path / "train.tsv"),
+                                "--eval", str(tmp_path / "test.tsv")]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert rows == [{"query": 'said "yes', "positive": "answered yes"}]
+    s = load_beir(str(tmp_path / "out" / "beir"), "test")
+    assert (s.corpus_ids, s.corpus_texts) == (["6", "8"], ["a car that is red", "green sea"])
+    assert (s.query_ids, s.query_texts, s.qrels) == (["5"], ["red car"], {"5": {"6": 1}})
+    assert pair_retrieval.main([str(tmp_path / "o2"), "--train", str(tmp_path / "train.tsv"),
+                                "--eval", str(tmp_path / "test.tsv"), "--label", "label"]) == 2
+    assert "no column 'label' in the header" in capsys.readouterr().err

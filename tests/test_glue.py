@@ -17,7 +17,7 @@ from bertlaunch.data.tables.glue import TASKS, lookup, unknown_task_message
 from bertlaunch.tasks.classify.scores import matthews
 from bertlaunch.tools.report import main as report_main
 from bertlaunch.tools.summary import main as summary_main
-from tests.helpers import Job, assert_resumed, committed_step, compare, saved_on_signal, write_glue
+from tests.helpers import Job, assert_resumed, committed_step, compare, full_only, saved_on_signal, write_glue
 
 SUITE = {"glue.tasks": ["CoLA", "STS-B", "MNLI", "RTE", "WNLI"], "glue.seeds": [1, 2], "glue.from_mnli": ["RTE"],
          "checkpoint.every": 2, "glue.max_train_examples": 40, "glue.overrides": {"cola": {"train": {"lr": 3e-3}}}}
@@ -179,6 +179,7 @@ def test_a_preempted_then_killed_suite_resumes_bit_identically(suite):
 
 
 @pytest.mark.slow
+@full_only("2-rank fine-tuning runs (what each GLUE run is): test_kill_matrix.py")
 def test_two_ranks_and_parallel_runs_give_the_same_results(tmp_path, tiny_config, inproc):
     root = write_glue(tmp_path / "glue_data", ["SST-2", "MRPC"])
     cfg = tiny_config("glue", {"glue.data_dir": root})

@@ -7,7 +7,7 @@ import pytest
 
 from bertlaunch.data.corpus.reader import file_sizes
 from bertlaunch.data.mlm.mixture import MixtureState, MixtureStream, Source, cumulative_bounds, pick, replan_mixture
-from tests.helpers import make_corpus, read_metrics
+from tests.helpers import full_only, make_corpus, read_metrics
 from tests.test_formats import compressed_copy, parquet_corpus
 
 
@@ -144,6 +144,8 @@ def test_bad_sources_are_all_named(tmp_path, tiny_config, inproc):
 
 
 @pytest.mark.slow
+@full_only("a mixture resumed and re-split: test_each_source_once_per_its_epoch_resume_and_resplit; "
+           "killed 2-rank runs: test_resume.py")
 def test_two_ranks_kill_resume_and_resize_on_a_gz_and_parquet_mixture(tmp_path, tiny_config):
     """2 CPU ranks on a mixture of a .txt + .txt.gz source and a .parquet source. SIGKILLed at step 9 and
     resumed on 2 ranks: losses and weights bit-identical to the run never killed. The same checkpoint

@@ -14,7 +14,7 @@ import time
 import pytest
 import yaml
 
-from tests.helpers import REPO, assert_resumed, compare, env, last_step, run, saved_on_signal
+from tests.helpers import REPO, assert_resumed, compare, env, full_only, last_step, run, saved_on_signal
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -197,6 +197,7 @@ def kill_rank_1_in_step_5(job: str, out, tmp_path) -> str:
 HOLD = "--export=ALL,BERTLAUNCH_HANG_RANK=1,BERTLAUNCH_HANG_AT_STEP=5"
 
 
+@full_only("a killed rank ending the job: test_robustness.py; resume on other world sizes: test_resume.py")
 def test_two_node_job_with_a_killed_task_fails_fast_and_resumes_on_one_task_exactly_once(tmp_path, tiny_config,
                                                                                            corpus):
     """--dry-run under srun on 2 nodes names both. A 2-node job whose rank 1 (on node2) is SIGKILLed mid-step
@@ -257,6 +258,7 @@ def test_job_array_of_two_finetunes(tmp_path, tiny_config, pairs):
     assert all((o / "eval_results.json").is_file() for o in outs)
 
 
+@full_only("job arrays: test_job_array_of_two_finetunes; the GLUE gathering of finished runs: test_glue.py")
 def test_glue_job_array_then_gathering_run(tmp_path, tiny_config):
     """slurm/glue_array.sbatch: one array task per (task, seed) run, then one plain run of the same config
     that skips them all and writes the table and the submission."""
