@@ -234,3 +234,24 @@ def test_storage_errors_are_scrubbed_of_the_credentials(tmp_path):
     options = {"token": "tok-12345678"}
     remote = RemoteCheckpoints(CheckpointConfig(remote=f"file://{tmp_path}/r", storage_options=options))
     assert remote.scrub("403 for token tok-12345678 at file://x") == "403 for token <redacted> at file://x"
+
+
+def test_the_uploader_thread_yields_the_cpu_to_the_training():
+    """yield_cpu lowers the priority of the thread that calls it (the uploader's), not the process's."""
+    import os
+    import threading
+
+    from bertlaunch.core.upload import yield_cpu
+
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen = {}
+
+    def uploader():
+        yield_cpu()
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    t = threading.Thread(target=uploader)
+    t.start()
+    t.join()
+    assert seen["nice"] == min(main + 10, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main
