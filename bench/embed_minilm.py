@@ -64,7 +64,7 @@ def timed(cmd: list[str], log: Path) -> float:
 
 def retrieval(model: Path, beir: Path, out: Path) -> dict:
     timed([sys.executable, "-m", "bertlaunch.tools.retrieval", str(model), str(beir), "--out", str(out)],
-          out.with_suffix(".log"))
+          out.with_name(out.stem + "_retrieval.log"))
     return json.loads(out.read_text())
 
 
