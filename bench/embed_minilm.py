@@ -12,7 +12,7 @@ evaluation during training. Wall time = the whole training process (start-up, mo
 exports are then scored by the same command, `bertlaunch retrieval` (exact search, nDCG@10 by trec_eval through
 ir-measures). Goal (issue 25): nDCG@10 >= the anchor's - 0.01, wall time <= 0.7x the anchor's.
 Also: the first --gather-steps losses of 2 ranks x 16 rows (negatives gathered across the ranks) against 1 rank x
-32 rows, the same global batch: the same loss to rounding.
+32 rows, the same global batch, dropout off: the same loss to rounding.
 Writes bench/results/embed_minilm_<machine>.json.
 """
 
@@ -103,8 +103,10 @@ def main() -> None:
                 scores = retrieval(model, beir, tmp / f"{kind}{rnd}.json")
                 runs[kind].append({"wall_s": wall, **{k: scores[k] for k in ("ndcg@10", "recall@100", "mrr@10")}})
                 print(kind, rnd, json.dumps(runs[kind][-1]), flush=True)
-        # gathered negatives: 2 ranks x 16 rows against 1 rank x 32 rows, one global batch of 32
+        # gathered negatives: 2 ranks x 16 rows against 1 rank x 32 rows, one global batch of 32; dropout off (each
+        # rank draws its own dropout masks, so with dropout the two runs differ by more than rounding)
         n = args.gather_steps
+        ours_cmd = [*ours_cmd, "model.hidden_dropout=0.0", "model.attention_dropout=0.0"]
         one, two = tmp / "one_rank", tmp / "two_ranks"
         timed([*ours_cmd, f"output_dir={one}", f"train.max_steps={n}", "log.every=1"], tmp / "one.log")
         timed([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
