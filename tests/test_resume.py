@@ -16,7 +16,6 @@ from tests.helpers import (
     audited_tokens,
     compare,
     doc_tokens,
-    full_only,
     last_step,
     make_corpus,
     read_metrics,
@@ -116,8 +115,6 @@ def test_sigterm_checkpoints_and_exits_for_requeue(tmp_path, resume_cfg, corpus,
     assert last_step(out / "metrics.jsonl") == ckpts[0][0]
 
 
-@full_only("SIGKILL resumes compared bit for bit: test_kill_matrix.py; the export of a ZeRO-3 checkpoint: the "
-           "kill matrix's final/ at stage 3")
 def test_export_cli_and_check_resume_cli(tmp_path, resume_cfg, corpus, capsys):
     """check_resume runs the entry script itself (python launch/pretrain.py) straight, killed and resumed."""
     from bertlaunch.tools import check_resume, export
