@@ -10,11 +10,11 @@ of a split are those its qrels judge; every problem names the file, the line and
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from bertlaunch.data.corpus import storage
 from bertlaunch.data.corpus.shards import DataError
+from bertlaunch.data.tables.read import json_records
 
 
 @dataclass
@@ -50,15 +50,7 @@ def read_jsonl(path: str, fields: tuple[str, ...], optional: tuple[str, ...] = (
     """_id -> record, in file order; each line must hold every field of `fields` as a string."""
     out: dict[str, dict] = {}
     layout = "{" + ", ".join(f'"{f}": ...' for f in fields + optional) + "}"
-    for i, line in _lines(path, f"one JSON object per line: {layout}"):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}: line {i} is not a JSON object (BEIR's layout: {layout})")
+    for i, rec in json_records(_lines(path, f"one JSON object per line: {layout}"), path, f"BEIR's layout: {layout}"):
         for f in fields:
             if not isinstance(rec.get(f), str):
                 has = ", ".join(rec) or "nothing"

@@ -69,6 +69,21 @@ def _parquet_rows(path: str, only: list[str] | None) -> Rows:
     return Rows(path, list(names), rows, list(range(1, len(rows) + 1)))
 
 
+def json_records(lines, path: str, layout: str = ""):
+    """(line number, object) of every non-blank line of JSON-lines text, given as (line number, text) pairs; a line
+    that is not a JSON object is an error naming the file, the line and, when given, the `layout` expected."""
+    for i, line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: line {i} is not a JSON object" + (f" ({layout})" if layout else ""))
+        yield i, rec
+
+
 def read_rows(path: str, fmt: str = "auto", columns: list[str] | None = None,
               header_field: str | None = None, only: list[str] | None = None) -> Rows:
     """A table's rows. `columns`: names for a .tsv/.csv without a header line (GLUE's CoLA train/dev); the
@@ -86,15 +101,7 @@ def read_rows(path: str, fmt: str = "auto", columns: list[str] | None = None,
     with _open_text(path) as f:
         if kind == "jsonl":
             rows, lines, columns = [], [], []
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {i} is not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}: line {i} is not a JSON object")
+            for i, rec in json_records(enumerate(f, 1), path):
                 columns += [k for k in rec if k not in columns]
                 rows.append(rec)
                 lines.append(i)
