@@ -111,4 +111,4 @@ def test_labelled_pairs_become_training_rows_and_a_beir_folder_our_reader_takes(
     assert (s.query_ids, s.query_texts, s.qrels) == (["5"], ["red car"], {"5": {"6": 1}})
     assert pair_retrieval.main([str(tmp_path / "o2"), "--train", str(tmp_path / "train.tsv"),
                                 "--eval", str(tmp_path / "test.tsv"), "--label", "label"]) == 2
-    assert "no column 'label' in the header" in capsys.readouterr().err
+    assert "train.tsv: no column 'label' for --label" in capsys.readouterr().err

@@ -14,36 +14,21 @@ quoting (MRPC's strings hold unbalanced quotes); the first line may carry a byte
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
 from bertlaunch.core.exits import EXIT_CONFIG, EXIT_OK
-
-
-class PairError(Exception):
-    pass
+from bertlaunch.data.corpus.shards import DataError
+from bertlaunch.data.tables.read import read_rows, require_columns
 
 
 def read_pairs(path: Path, cols: dict[str, str]) -> list[dict[str, str]]:
-    """The rows of a tab-separated table, each with the columns named in `cols` (role -> column)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader, None)
-        if header is None:
-            raise PairError(f"{path}: the file is empty; it needs a header line naming {', '.join(cols.values())}")
-        missing = [c for c in cols.values() if c not in header]
-        if missing:
-            raise PairError(f"{path}: no column {', '.join(map(repr, missing))} in the header {header}; name the "
-                            "columns with --first/--second/--label/--first-id/--second-id")
-        at = {role: header.index(c) for role, c in cols.items()}
-        rows = []
-        for i, fields in enumerate(reader, 2):
-            if len(fields) < len(header):
-                raise PairError(f"{path}: line {i} has {len(fields)} fields, the header {len(header)}")
-            rows.append({role: fields[j] for role, j in at.items()})
-    return rows
+    """The rows of a tab-separated table (data/tables/read.py: header, byte-order mark, no quoting), each with the
+    columns named in `cols` (option -> column), under the option's name."""
+    table = read_rows(str(path), "tsv")
+    require_columns(table, {f"--{opt.replace('_', '-')}": c for opt, c in cols.items()})
+    return [{opt: row[c] for opt, c in cols.items()} for row in table.rows]
 
 
 def positive(row: dict[str, str]) -> bool:
@@ -57,7 +42,7 @@ def build(train: Path, eval_: Path, out: Path, cols: dict[str, str]) -> dict[str
     corpus = {r["second_id"]: r["second"] for r in eval_rows}
     queries = {r["first_id"]: (r["first"], r["second_id"]) for r in eval_rows if positive(r)}
     if not train_rows or not queries:
-        raise PairError(f"no positive pair (label 1) in {train if not train_rows else eval_}")
+        raise DataError(f"no positive pair (label 1) in {train if not train_rows else eval_}")
     (out / "beir" / "qrels").mkdir(parents=True, exist_ok=True)
     with open(out / "train.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"query": r["first"], "positive": r["second"]}) + "\n" for r in train_rows)
@@ -83,11 +68,10 @@ def main(argv=None) -> int:
     p.add_argument("--first-id", default="#1 ID")
     p.add_argument("--second-id", default="#2 ID")
     a = p.parse_args(argv)
-    cols = {"first": a.first, "second": a.second, "label": a.label, "first_id": a.first_id,
-            "second_id": a.second_id}
+    cols = {"first": a.first, "second": a.second, "label": a.label, "first_id": a.first_id, "second_id": a.second_id}
     try:
         counts = build(Path(a.train), Path(a.eval), Path(a.out), cols)
-    except (PairError, OSError) as e:
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
     print(f"{a.out}: {counts['train_rows']} training pairs; {counts['queries']} queries over {counts['corpus']} "
