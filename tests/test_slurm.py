@@ -157,8 +157,8 @@ def test_two_nodes_match_one_machine_through_preemption_on_wiped_disks(tmp_path,
     assert len(first_run) == 1 and runs == first_run
 
 
-@pytest.mark.skipif(os.environ.get("BERTLAUNCH_FULL") != "1", reason="CI time (about 40 s): BERTLAUNCH_FULL=1 runs "
-                    "it; the 2-node bit-identity is checked through sbatch above, torchrun's variables in test_dist.py")
+@full_only("about 40 s; the 2-node bit-identity is checked through sbatch above, torchrun's variables in "
+           "test_dist.py")
 def test_torchrun_across_two_nodes_matches_one_machine(tmp_path, tiny_config, corpus):
     """Without SLURM: torchrun --nnodes 2 (c10d rendezvous on node1), one agent in each node's namespaces."""
     nodes = two_nodes()
