@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,7 +22,7 @@ from bertlaunch.core.loop import Trainer
 from bertlaunch.core.metrics import MetricsLog
 from bertlaunch.core.plan import Phase
 from bertlaunch.core.task import Task, TrainState
-from bertlaunch.core.watchdog import Heartbeat
+from bertlaunch.core.watchdog import Heartbeat, main_thread_outside_collectives
 from bertlaunch.tasks.mlm.config import PretrainConfig
 
 NULL = {"null": True, "meta": {}}
@@ -263,3 +266,22 @@ def test_phases_switch_data_and_accumulation_at_the_boundary(tmp_path):
     assert task.phases_seen == [(0, 0), (1, 3)]  # phase 1 starts after 3 consumed micro-batches
     assert task.consumed_steps == [1, 2, 3, 4, 4, 5, 5]
     assert (t.engine.micro, t.engine.global_batch, t.accum) == (4, 8, 2)
+
+
+def _where_main_thread_sleeps(code: str, filename: str) -> str | None:
+    seen = []
+    spy = threading.Thread(target=lambda: (time.sleep(0.2), seen.append(main_thread_outside_collectives())))
+    spy.start()
+    exec(compile(code, filename, "exec"), {})
+    spy.join()
+    return seen[0]
+
+
+def test_the_watchdog_names_where_a_rank_is_stuck_outside_collectives():
+    where = _where_main_thread_sleeps("import time\ndef stuck():\n    time.sleep(0.6)\nstuck()", "/x/user_step.py")
+    assert where == "stuck (/x/user_step.py:3)"
+
+
+def test_a_rank_waiting_in_torch_distributed_is_not_the_hung_one():
+    filename = os.path.join("/x", "torch", "distributed", "distributed_c10d.py")
+    assert _where_main_thread_sleeps("import time\ntime.sleep(0.6)", filename) is None

@@ -95,8 +95,28 @@ class Heartbeat:
             self._write()
             idle = self.stalled_for()
             if idle is not None:
-                msg = (f"[rank {self.rank}] error: no progress for {idle:.0f}s (train.dist_timeout_s="
-                       f"{self.timeout:g}) at step {self.step}; waiting on {self.diagnose()}: a rank hung or "
-                       "died. Exiting so the launcher can stop the job; resume from the last checkpoint.")
-                print(msg, file=sys.stderr, flush=True)
+                head = (f"[rank {self.rank}] error: no progress for {idle:.0f}s (train.dist_timeout_s="
+                        f"{self.timeout:g}) at step {self.step}; ")
+                where = main_thread_outside_collectives()
+                if where is None:  # this rank waits in a collective: the culprit is another rank
+                    body = f"waiting on {self.diagnose()}: a rank hung or died."
+                else:  # every rank's watchdog fires; only the hung one is stuck outside torch.distributed
+                    body = (f"this rank (on {socket.gethostname()}) is the one that hung: stuck in {where}, "
+                            "outside any collective.")
+                print(head + body + " Exiting so the launcher can stop the job; resume from the last checkpoint.",
+                      file=sys.stderr, flush=True)
                 os._exit(EXIT_HUNG)
+
+
+def main_thread_outside_collectives() -> str | None:
+    """Where the main thread is stuck ("function (file:line)" of its innermost frame), or None when it waits
+    in a torch.distributed call: that rank waits for another one, which is the rank to name."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    if frame is None:
+        return None
+    inner = frame
+    while frame is not None:
+        if f"torch{os.sep}distributed{os.sep}" in frame.f_code.co_filename:
+            return None
+        frame = frame.f_back
+    return f"{inner.f_code.co_name} ({inner.f_code.co_filename}:{inner.f_lineno})"
