@@ -64,7 +64,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 class Encoder(nn.Module):
-    """forward(input_ids int64[B, L], attention_mask int64[B, L]) -> float32[B, H] sentence embeddings."""
+    """forward(input_ids, attention_mask) -> float32[N, H] sentence embeddings. The inputs are int64[N, L], or lists
+    of them: groups of texts, each padded to its own longest (data/tables/triples.py collate_rows), whose
+    embeddings come out group after group."""
 
     def __init__(self, hf_model: nn.Module, pooling: str, normalize: bool):
         super().__init__()
@@ -72,9 +74,23 @@ class Encoder(nn.Module):
             raise ValueError(f"pooling '{pooling}' is not one of: {', '.join(POOLINGS)}")
         self.hf, self.pooling, self.normalize = hf_model, pooling, normalize
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        emb = pool(hidden, attention_mask, self.pooling).float()
+    def forward(self, input_ids: torch.Tensor | list[torch.Tensor], attention_mask: torch.Tensor | list[torch.Tensor]
+                ) -> torch.Tensor:
+        if isinstance(input_ids, torch.Tensor):
+            hidden = self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            emb = pool(hidden, attention_mask, self.pooling).float()
+        else:
+            # One word-embedding lookup for all the groups, then one encoder pass per group: the gradient of the
+            # table (dense, [vocab, H]: 47 MB for MiniLM) is made and added once per forward, not once per group.
+            table = self.hf.get_input_embeddings()
+            vectors = table(torch.cat([ids.reshape(-1) for ids in input_ids]))  # [sum of n_g * L_g, E]
+            out, start = [], 0
+            for ids, mask in zip(input_ids, attention_mask):
+                x = vectors[start:start + ids.numel()].view(*ids.shape, -1)  # [n_g, L_g, E]
+                start += ids.numel()
+                hidden = self.hf(inputs_embeds=x, attention_mask=mask).last_hidden_state
+                out.append(pool(hidden, mask, self.pooling).float())
+            emb = torch.cat(out)
         return F.normalize(emb, p=2, dim=1) if self.normalize else emb
 
 

@@ -10,11 +10,16 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
-from bertlaunch.model.embed import pool, read_sentence_transformers
+from bertlaunch.data.tables.triples import TripleColumns, collate_rows, load_triples
+from bertlaunch.data.tokenize import load_hf_tokenizer
+from bertlaunch.model.embed import Encoder, pool, read_sentence_transformers
 from bertlaunch.tasks.embed.loss import GradCache, local_cross_entropy
+from bertlaunch.tasks.embed.task import encode_batch
 from bertlaunch.tools import retrieval
 from tests.embed_data import write_beir, write_triples
+from tests.families import family_config
 from tests.helpers import read_metrics
 
 NO_DROPOUT = {"model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}
@@ -123,3 +128,26 @@ def test_config_problems_are_listed_at_once(embed_config, inproc):
     assert r.returncode == 2
     assert "task.query, task.positive and task.negative must name different columns" in r.stderr
     assert "task.temperature must be > 0, got 0" in r.stderr and "task.pooling" in r.stderr
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "modernbert", "deberta-v2", "electra"])
+def test_length_groups_give_the_embeddings_and_gradients_of_one_padded_batch(tmp_path, family):
+    """Four length groups (one word-embedding lookup, four encoder passes, the rows put back) against every text
+    padded together: the same embeddings and the same gradients, to rounding, in every family (RoBERTa counts its
+    positions from the ids, the others from 0)."""
+    tok = load_hf_tokenizer("bert-base-uncased")
+    rows = load_triples(TripleColumns(str(write_triples(tmp_path / "t.jsonl", 12, negative=True)), "auto", "query",
+                                      "positive", "negative", 32, None), tok)
+    torch.manual_seed(0)
+    hf = transformers.AutoModel.from_config(family_config(family))
+    enc = Encoder(hf, "mean", True).eval()
+    results = []
+    for groups in (1, 4):
+        enc.zero_grad()
+        emb = encode_batch(enc, collate_rows(rows, torch.arange(12).numpy(), groups), "cpu")  # [36, 32]
+        (emb * torch.linspace(-1, 1, emb.numel()).view_as(emb)).sum().backward()
+        results.append((emb.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None]))
+    (e1, g1), (e4, g4) = results
+    assert e1.shape == (36, 32) and torch.allclose(e1, e4, atol=1e-6)
+    g1, g4 = torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g4])  # every parameter's gradient
+    assert g1.shape == g4.shape and float((g1 - g4).norm() / g1.norm()) < 1e-5

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from bertlaunch.data.corpus.shards import DataError
 from bertlaunch.data.tables.beir import load_beir
-from bertlaunch.data.tables.triples import TripleColumns, load_triples
+from bertlaunch.data.tables.triples import TripleColumns, collate_rows, load_triples
 from bertlaunch.data.tokenize import load_hf_tokenizer
 from tests.embed_data import triples, write_beir, write_triples
 from tests.test_remote import bucket  # noqa: F401  (the S3 fixture)
@@ -112,3 +113,17 @@ def test_labelled_pairs_become_training_rows_and_a_beir_folder_our_reader_takes(
     assert pair_retrieval.main([str(tmp_path / "o2"), "--train", str(tmp_path / "train.tsv"),
                                 "--eval", str(tmp_path / "test.tsv"), "--label", "label"]) == 2
     assert "train.tsv: no column 'label' for --label" in capsys.readouterr().err
+
+
+def test_length_groups_pad_each_group_to_its_longest_and_restore_the_column_order(tmp_path, tok):
+    t = load_triples(columns(write_triples(tmp_path / "t.jsonl", 8, negative=True), "negative"), tok)
+    idx = np.array([5, 1, 7, 2])
+    one, four = collate_rows(t, idx), collate_rows(t, idx, groups=4)
+    texts = [col[i].tolist() for col in t.texts for i in idx]  # 12 texts: queries, positives, negatives
+    rows = [ids[mask.bool()].tolist() for g in four["groups"] for ids, mask in zip(g["input_ids"], g["attention_mask"])]
+    assert [rows[j] for j in four["restore"].tolist()] == texts
+    widths = [g["input_ids"].shape[1] for g in four["groups"]]
+    assert [len(g["input_ids"]) for g in four["groups"]] == [3, 3, 3, 3] and widths == sorted(widths)
+    assert widths == [int(g["attention_mask"].sum(1).max()) for g in four["groups"]]
+    assert four["meta"]["n_slots"] == 3 * sum(widths) < one["meta"]["n_slots"] == 12 * max(map(len, texts))
+    assert one["restore"] is None and one["groups"][0]["input_ids"].shape == (12, max(map(len, texts)))

@@ -45,6 +45,11 @@ class EmbedTaskConfig:
     temperature: float = 0.05
     """InfoNCE temperature: the loss is cross-entropy over similarity / temperature (sentence-transformers'
     MultipleNegativesRankingLoss scale 20 = temperature 0.05)."""
+    length_groups: int = 4
+    """Each micro-batch's texts (queries, positives and negatives together) are sorted by length and encoded in this
+    many groups, each padded to its own longest text: fewer pad tokens for the same embeddings, since every text is
+    encoded alone (the loss is the same to rounding; dropout draws differ). 1: one forward with every text padded to
+    the micro-batch's longest."""
     grad_cache: bool = False
     """GradCache: embed the whole global batch without gradients in micro-batches, take the loss over all of it,
     then recompute each micro-batch with gradients (same loss and gradients as one big batch, about a third more
@@ -130,6 +135,8 @@ class EmbedConfig:
             p.append(f"task.max_train_examples must be >= 1 (or null for all rows), got {t.max_train_examples}")
         if t.max_length is not None and t.max_length < 4:
             p.append(f"task.max_length must be >= 4, got {t.max_length}")
+        if t.length_groups is not None and t.length_groups < 1:
+            p.append(f"task.length_groups must be >= 1 (1: no grouping), got {t.length_groups}")
         if t.temperature is not None and t.temperature <= 0:
             p.append(f"task.temperature must be > 0, got {t.temperature}")
         if self.train.epochs is not None and self.train.epochs <= 0 and not self.train.max_steps:

@@ -12,7 +12,6 @@ from bertlaunch.core.layout import resolve_model_dir
 from bertlaunch.core.plan import Plan
 from bertlaunch.core.task import Model, Resume
 from bertlaunch.data.corpus.embedded import resolve_model_alias
-from bertlaunch.data.tables.triples import collate_rows
 from bertlaunch.data.tokenize import load_hf_tokenizer
 from bertlaunch.model.embed import (
     Encoder,
@@ -90,6 +89,9 @@ class EmbedSpec:
         print("lengths       " + ", ".join(f"{c} mean {sum(ls) / len(ls):.1f} max {max(ls)}"
                                            for c, ls in zip(train.columns, lengths))
               + f" tokens (task.max_length {t.max_length}); tokenizer vocab {len(tok)}")
+        if t.length_groups > 1:
+            print(f"              each micro-batch's texts sorted by length and encoded in {t.length_groups} groups, "
+                  "each padded to its own longest (task.length_groups)")
         if first.accum > 1 and not t.grad_cache:
             print(f"  note: with accumulation ({first.accum} micro-batches per step) a query's in-batch negatives are "
                   f"its micro-batch on every rank ({first.micro} x {info.world_size}), not the global batch of "
@@ -104,9 +106,8 @@ class EmbedSpec:
                 print(f"  note: model.pretrained is a sentence-transformers model with {st.pooling} pooling"
                       + (", normalised" if st.normalize else "") + f"; this run trains with task.pooling={t.pooling}, "
                       f"task.normalize={str(t.normalize).lower()}")
-        batch = collate_rows(train, [0])
-        for c, ids in zip(train.columns, batch["input_ids"]):
-            print(f"example 0     {c}: {tok.decode(ids[ids != train.pad_id].tolist())[:200]}")
+        for c, texts in zip(train.columns, train.texts):
+            print(f"example 0     {c}: {tok.decode(texts[0].tolist())[:200]}")
 
 
 EMBED = EmbedSpec()

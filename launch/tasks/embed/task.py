@@ -26,6 +26,17 @@ from bertlaunch.tasks.embed.retrieval import score, table
 METRIC = "ndcg@10"  # picks the best checkpoint
 
 
+def encode_batch(forward, batch: dict, device) -> torch.Tensor:
+    """[cols * n, H] embeddings of a micro-batch's texts (one pad row when n = 0): its length groups ([n_g, width_g]
+    each, data/tables/triples.py collate_rows) encoded by one call of `forward` (the engine), the rows put back in
+    column order."""
+    groups = batch["groups"]
+    emb = forward(input_ids=[g["input_ids"].to(device, non_blocking=True) for g in groups],
+                  attention_mask=[g["attention_mask"].to(device, non_blocking=True) for g in groups])
+    restore = batch["restore"]
+    return emb if restore is None else emb.index_select(0, restore.to(device, non_blocking=True))
+
+
 class EmbedTask:
     def __init__(self, cfg: EmbedConfig, info, data: EmbedData, hf_config, p: Plan, resume: Resume):
         self.cfg, self.info, self.d = cfg, info, data
@@ -55,7 +66,7 @@ class EmbedTask:
             epoch, k = divmod(step, self.steps_per_epoch)
             gb = self.global_batches(epoch)[k]
             parts = split_global(gb, self.micro, self.world, self.accum)  # [rank][slot] -> rows
-            chunks = [collate_rows(self.d.train, idx) for idx in parts[self.info.rank]]
+            chunks = [collate_rows(self.d.train, idx, self.cfg.task.length_groups) for idx in parts[self.info.rank]]
             share = [sum(len(x) for x in mine) for mine in parts]
             for a, chunk in enumerate(chunks):
                 chunk["meta"] |= {"step": step, "slot": a, "n_step": len(gb), "share": share,
@@ -72,9 +83,7 @@ class EmbedTask:
         pass  # the position is the step count itself
 
     def encode(self, engine, batch) -> torch.Tensor:
-        """[cols * n, H] embeddings of a micro-batch's texts (one pad row when n = 0)."""
-        return engine(input_ids=batch["input_ids"].to(self.device, non_blocking=True),
-                      attention_mask=batch["attention_mask"].to(self.device, non_blocking=True))
+        return encode_batch(engine, batch, self.device)
 
     def forward(self, engine, batch):
         m, t = batch["meta"], self.cfg.task
