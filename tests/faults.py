@@ -6,6 +6,7 @@
   BERTLAUNCH_KILL_IN_SAVE_AT=k                  the job is SIGKILLed while writing the checkpoint of step k
   BERTLAUNCH_SLOW_EXPORT_S=s                    every export takes s seconds longer (a BERT-large export)
   BERTLAUNCH_SLOW_UPLOAD_S=s                    every checkpoint file takes s seconds longer to upload (a slow network)
+  BERTLAUNCH_SLOW_STEP_S=s                      every micro-batch takes s seconds longer (time to signal a run)
 
 `install_from_env()` is called by the in-process runs (tests/conftest.py `inproc`), the forked ones
 (tests/zygote.py) and, through tests/hookpath/sitecustomize.py on PYTHONPATH, by real entry scripts (srun).
@@ -19,7 +20,7 @@ import time
 
 VARIABLES = ("BERTLAUNCH_NAN_AT_STEP", "BERTLAUNCH_HANG_AT_STEP", "BERTLAUNCH_HANG_RANK", "BERTLAUNCH_FAIL_SAVE_AT",
              "BERTLAUNCH_KILL_IN_SAVE_AT", "BERTLAUNCH_SLOW_EXPORT_S",
-             "BERTLAUNCH_SLOW_UPLOAD_S")
+             "BERTLAUNCH_SLOW_UPLOAD_S", "BERTLAUNCH_SLOW_STEP_S")
 
 
 class EnvFaults:
@@ -31,8 +32,10 @@ class EnvFaults:
         self.kill_save_at = int(env.get("BERTLAUNCH_KILL_IN_SAVE_AT", 0))
         self.slow_export_s = float(env.get("BERTLAUNCH_SLOW_EXPORT_S", 0))
         self.slow_upload_s = float(env.get("BERTLAUNCH_SLOW_UPLOAD_S", 0))
+        self.slow_step_s = float(env.get("BERTLAUNCH_SLOW_STEP_S", 0))
 
     def loss(self, step, rank, loss):
+        time.sleep(self.slow_step_s)
         if self.hang_at and step == self.hang_at and rank == self.hang_rank:
             time.sleep(1 << 20)
         if self.nan_at and step == self.nan_at:

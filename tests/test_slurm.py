@@ -157,6 +157,32 @@ def test_two_nodes_match_one_machine_through_preemption_on_wiped_disks(tmp_path,
     assert len(first_run) == 1 and runs == first_run
 
 
+def test_embedding_job_preempted_and_requeued_matches_a_straight_run(tmp_path, tiny_config):
+    """slurm/embed.sbatch with 2 tasks (each query's negatives gathered from both of srun's ranks), preempted
+    mid-run (USR1 to the batch script, checkpoint, exit 75, requeue): the requeued job resumes, and its losses
+    and final weights are bit-identical to 2 ranks trained without a stop."""
+    from tests.embed_data import write_triples
+
+    cfg = tiny_config("embed", {"task.train_file": write_triples(tmp_path / "rows.jsonl", 96),
+                                "train.global_batch_size": 8, "train.micro_batch_size": 4, "checkpoint.every": 4,
+                                "model.hidden_dropout": 0.0, "model.attention_dropout": 0.0}, name="embed.yaml")
+    straight, out = tmp_path / "straight", tmp_path / "slurm_out"
+    run("embed", 2, cfg, [f"output_dir={straight}"])
+    job = sbatch("embed.sbatch", [str(cfg), f"output_dir={out}"], ["--nodes=1", "--ntasks-per-node=2"], tmp_path,
+                 BERTLAUNCH_SLOW_STEP_S=0.3)  # 12 steps of about 0.6 s: time to signal mid-run
+    wait_done(job, until=lambda i: last_step(out / "metrics.jsonl") >= 3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = wait_done(job, until=lambda i: release_requeued(job, i) and i.get("JobState") == "COMPLETED")
+    log = log_of(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, log
+    assert "ranks exited with code 75" in log and "requeueing job" in log
+    step = saved_on_signal(log)
+    assert 3 <= step < 12
+    assert_resumed(log, out, step)
+    assert compare(straight, out) == []  # losses and final weights
+    assert (out / "final" / "modules.json").is_file()
+
+
 @full_only("about 40 s; the 2-node bit-identity is checked through sbatch above, torchrun's variables in "
            "test_dist.py")
 def test_torchrun_across_two_nodes_matches_one_machine(tmp_path, tiny_config, corpus):
