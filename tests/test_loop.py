@@ -22,7 +22,7 @@ from bertlaunch.core.loop import Trainer
 from bertlaunch.core.metrics import MetricsLog
 from bertlaunch.core.plan import Phase
 from bertlaunch.core.task import Task, TrainState
-from bertlaunch.core.watchdog import Heartbeat, main_thread_outside_collectives
+from bertlaunch.core.watchdog import Heartbeat, collectives_block, main_thread_outside_collectives
 from bertlaunch.tasks.mlm.config import PretrainConfig
 
 NULL = {"null": True, "meta": {}}
@@ -285,3 +285,12 @@ def test_the_watchdog_names_where_a_rank_is_stuck_outside_collectives():
 def test_a_rank_waiting_in_torch_distributed_is_not_the_hung_one():
     filename = os.path.join("/x", "torch", "distributed", "distributed_c10d.py")
     assert _where_main_thread_sleeps("import time\ntime.sleep(0.6)", filename) is None
+
+
+def test_only_blocking_collectives_let_a_rank_outside_them_name_itself(monkeypatch):
+    """gloo calls block until every rank joins; NCCL ones return at once (the wait shows at a later CUDA sync)."""
+    assert not collectives_block()  # no process group in this test
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for backend, blocks in (("gloo", True), ("nccl", False)):
+        monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None, b=backend: b)
+        assert collectives_block() is blocks

@@ -15,6 +15,8 @@ import threading
 import time
 from pathlib import Path
 
+import torch.distributed
+
 from bertlaunch.core.exits import EXIT_HUNG
 
 
@@ -97,8 +99,8 @@ class Heartbeat:
             if idle is not None:
                 head = (f"[rank {self.rank}] error: no progress for {idle:.0f}s (train.dist_timeout_s="
                         f"{self.timeout:g}) at step {self.step}; ")
-                where = main_thread_outside_collectives()
-                if where is None:  # this rank waits in a collective: the culprit is another rank
+                where = main_thread_outside_collectives() if collectives_block() else None
+                if where is None:  # this rank waits in a collective (or cannot tell): the culprit is another rank
                     body = f"waiting on {self.diagnose()}: a rank hung or died."
                 else:  # every rank's watchdog fires; only the hung one is stuck outside torch.distributed
                     body = (f"this rank (on {socket.gethostname()}) is the one that hung: stuck in {where}, "
@@ -106,6 +108,14 @@ class Heartbeat:
                 print(head + body + " Exiting so the launcher can stop the job; resume from the last checkpoint.",
                       file=sys.stderr, flush=True)
                 os._exit(EXIT_HUNG)
+
+
+def collectives_block() -> bool:
+    """True where a rank waiting for the others waits inside the collective call (gloo: CPU ranks). NCCL calls
+    return at once and the wait shows later, at a CUDA synchronisation anywhere in the code, so there a main thread
+    outside torch.distributed does not mark the rank that hung."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_backend() == "gloo"
 
 
 def main_thread_outside_collectives() -> str | None:
