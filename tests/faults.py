@@ -35,7 +35,8 @@ class EnvFaults:
         self.slow_step_s = float(env.get("BERTLAUNCH_SLOW_STEP_S", 0))
 
     def loss(self, step, rank, loss):
-        time.sleep(self.slow_step_s)
+        if self.slow_step_s:
+            time.sleep(self.slow_step_s)
         if self.hang_at and step == self.hang_at and rank == self.hang_rank:
             time.sleep(1 << 20)
         if self.nan_at and step == self.nan_at:

@@ -169,7 +169,7 @@ def test_embedding_job_preempted_and_requeued_matches_a_straight_run(tmp_path, t
     straight, out = tmp_path / "straight", tmp_path / "slurm_out"
     run("embed", 2, cfg, [f"output_dir={straight}"])
     job = sbatch("embed.sbatch", [str(cfg), f"output_dir={out}"], ["--nodes=1", "--ntasks-per-node=2"], tmp_path,
-                 BERTLAUNCH_SLOW_STEP_S=0.3)  # 12 steps of about 0.6 s: time to signal mid-run
+                 BERTLAUNCH_SLOW_STEP_S=0.3)  # 12 steps of at least 0.3 s: time to signal mid-run
     wait_done(job, until=lambda i: last_step(out / "metrics.jsonl") >= 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
     info = wait_done(job, until=lambda i: release_requeued(job, i) and i.get("JobState") == "COMPLETED")

@@ -89,16 +89,15 @@ def pad_texts(ids: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
 def collate_rows(d: Triples, idx: np.ndarray, groups: int = 1) -> dict:
     """One micro-batch of rows: their texts, column after column ([n queries; n positives(; n negatives)]), sorted
     by length and cut into `groups` groups, each padded to its own longest (int64 [n_g, width_g] input_ids and
-    attention_mask); `restore` (int64[cols * n], or None when nothing moved) puts the groups' rows, concatenated,
-    back in column order. Plus the host-side counts."""
+    attention_mask); `restore` (int64[cols * n], None for one group or no rows) puts the groups' rows,
+    concatenated, back in column order. Plus the host-side counts (no rows: one pad row, no slot)."""
     ids = [col[i] for col in d.texts for i in idx]
     order = np.argsort([len(x) for x in ids], kind="stable") if groups > 1 else np.arange(len(ids))
-    parts = [g for g in np.array_split(order, min(groups, max(len(ids), 1))) if len(g)] or [order]
+    parts = np.array_split(order, max(min(groups, len(ids)), 1))
     padded = [pad_texts([ids[j] for j in g], d.pad_id) for g in parts]
-    moved = not np.array_equal(order, np.arange(len(ids)))
-    restore = torch.from_numpy(np.argsort(order, kind="stable")) if moved else None
+    restore = torch.from_numpy(np.argsort(order)) if groups > 1 and ids else None
     n_real = int(sum(len(x) for x in ids))
-    n_slots = sum(b["input_ids"].shape[0] * b["input_ids"].shape[1] for b in padded)
+    n_slots = sum(len(g) * b["input_ids"].shape[1] for g, b in zip(parts, padded))
     return {"groups": padded, "restore": restore,
             "meta": {"index": [int(i) for i in idx], "n": len(idx), "n_real": n_real, "n_slots": n_slots,
                      "texts": len(ids)}}
