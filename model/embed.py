@@ -20,6 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from bertlaunch.model.build import attention_kernel, check_vocab, configure, pad_embeddings, padded_vocab, preset_config
 from bertlaunch.model.presets import family
+from bertlaunch.model.unpadded import bert_packed, grouped_attention, packed_problem
 
 POOLINGS = ("mean", "cls")
 
@@ -64,19 +65,31 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 class Encoder(nn.Module):
-    """forward(input_ids, attention_mask) -> float32[N, H] sentence embeddings. The inputs are int64[N, L], or lists
-    of them: groups of texts, each padded to its own longest (data/tables/triples.py collate_rows), whose
-    embeddings come out group after group."""
+    """forward(input_ids, attention_mask) -> float32[N, H] sentence embeddings, in one of three layouts:
+    - int64[N, L] input_ids and attention_mask: every text padded to the longest;
+    - lists of them: groups of texts, each padded to its own longest (data/tables/triples.py collate_rows), whose
+      embeddings come out group after group;
+    - packed (a BertModel only; `packed`=True checks that at construction, and says the training batches come
+      so): input_ids int64[T], the N texts end to end, sorted by length,
+      with position_ids int64[T] (0.. in each text), offsets int64[N + 1] (text i is tokens offsets[i]:offsets[i+1])
+      and the attention's length groups (model/unpadded.py grouped_attention); no pad token reaches a linear layer.
+    """
 
-    def __init__(self, hf_model: nn.Module, pooling: str, normalize: bool):
+    def __init__(self, hf_model: nn.Module, pooling: str, normalize: bool, packed: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling '{pooling}' is not one of: {', '.join(POOLINGS)}")
-        self.hf, self.pooling, self.normalize = hf_model, pooling, normalize
+        if packed and packed_problem(hf_model):
+            raise ValueError(f"packed texts: {packed_problem(hf_model)}")
+        self.hf, self.pooling, self.normalize, self.packed = hf_model, pooling, normalize, packed
 
-    def forward(self, input_ids: torch.Tensor | list[torch.Tensor], attention_mask: torch.Tensor | list[torch.Tensor]
-                ) -> torch.Tensor:
-        if isinstance(input_ids, torch.Tensor):
+    def forward(self, input_ids: torch.Tensor | list[torch.Tensor],
+                attention_mask: torch.Tensor | list[torch.Tensor] | None = None,
+                position_ids: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                groups: list | None = None) -> torch.Tensor:
+        if offsets is not None:
+            emb = self.packed_forward(input_ids, position_ids, offsets, groups)
+        elif isinstance(input_ids, torch.Tensor):
             hidden = self.hf(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             emb = pool(hidden, attention_mask, self.pooling).float()
         else:
@@ -92,6 +105,17 @@ class Encoder(nn.Module):
                 out.append(pool(hidden, mask, self.pooling).float())
             emb = torch.cat(out)
         return F.normalize(emb, p=2, dim=1) if self.normalize else emb
+
+    def packed_forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, offsets: torch.Tensor,
+                       groups: list) -> torch.Tensor:
+        """[N, H] embeddings of packed texts (before normalisation): the pooling over each text's own tokens."""
+        h = bert_packed(self.hf, input_ids, torch.zeros_like(input_ids), position_ids,
+                        lambda att, x: grouped_attention(att, x, groups)).float()  # [T, H]
+        if self.pooling == "cls":
+            return h.index_select(0, offsets[:-1])
+        lens = offsets[1:] - offsets[:-1]  # [N]
+        text = torch.repeat_interleave(torch.arange(lens.numel(), device=h.device), lens, output_size=h.shape[0])
+        return h.new_zeros(lens.numel(), h.shape[1]).index_add(0, text, h) / lens[:, None].to(h.dtype)
 
 
 # -- the sentence-transformers folder --------------------------------------------------------------------------

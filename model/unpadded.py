@@ -15,6 +15,10 @@ paths, and so are the results, up to floating-point summation order.
 ModernBERT runs its own unpadded path: its model class takes the packed tokens as one [1, T] row with the
 sequence boundaries, and its attention goes through model/packed.py (variable-length FlashAttention with its
 local windows on GPUs; each sequence padded inside the attention only, elsewhere).
+
+Sentence embeddings (model/embed.py) run the same BERT layer loop with the attention in length groups instead
+(grouped_attention): the texts are packed sorted by length, and each group of similar lengths is padded to its own
+longest inside the attention only. On the CPU that is faster than the nested tensors, whose SDPA runs text by text.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import BertForSequenceClassification, ModernBertForSequenceClassification
+from transformers import BertForSequenceClassification, BertModel, ModernBertForSequenceClassification
 
 from bertlaunch.model.packed import use_varlen
 
@@ -35,15 +39,14 @@ warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is 
 def check_unpadded(hf_model: nn.Module, compile_: bool = False) -> None:
     """ValueError (naming the key and the fix) unless `hf_model` can run pad-free (with model.compile=`compile_`);
     a ModernBERT is set to the varlen attention here."""
-    cfg, why = hf_model.config, None
     if isinstance(hf_model, ModernBertForSequenceClassification):
         use_varlen(hf_model)
         return
     if not isinstance(hf_model, BertForSequenceClassification):
         why = (f"the model is a {type(hf_model).__name__}, not a BertForSequenceClassification (BERT, MiniLM, ...) "
                "or a ModernBertForSequenceClassification")
-    elif getattr(cfg, "position_embedding_type", "absolute") != "absolute":
-        why = f"the model has position_embedding_type={cfg.position_embedding_type} (only absolute positions)"
+    else:
+        why = packed_problem(hf_model.bert)
     if why:
         raise ValueError(f"task.unpad=true: {why}; set task.unpad=false for the padded path")
     if compile_:  # classify_packed calls BERT's layers itself, never the compiled encoder
@@ -51,9 +54,18 @@ def check_unpadded(hf_model: nn.Module, compile_: bool = False) -> None:
                          "nothing would be compiled; set model.compile=false (or task.unpad=false)")
 
 
-def attention(layer: nn.Module, h: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
-    """One BERT self-attention block over packed tokens: h [T, H] -> [T, H] (before the output block)."""
-    att = layer.attention.self
+def packed_problem(hf_model: nn.Module) -> str | None:
+    """Why the base encoder `hf_model` cannot run packed (bert_packed), or None: a BertModel (BERT, MiniLM) with
+    absolute positions can."""
+    if not isinstance(hf_model, BertModel):
+        return f"the model is a {type(hf_model).__name__}, not a BertModel (BERT, MiniLM, ...)"
+    kind = getattr(hf_model.config, "position_embedding_type", "absolute")
+    return None if kind == "absolute" else f"the model has position_embedding_type={kind} (only absolute positions)"
+
+
+def attention(att: nn.Module, h: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+    """One BERT self-attention (`att`: layer.attention.self) over packed tokens, per sequence (nested tensors):
+    h [T, H] -> [T, H] (before the output block)."""
     t, heads, dim = h.shape[0], att.num_attention_heads, att.attention_head_size
 
     def jagged(x: torch.Tensor) -> torch.Tensor:  # [T, heads*dim] -> nested [B, heads, n_i, dim]
@@ -65,17 +77,48 @@ def attention(layer: nn.Module, h: torch.Tensor, offsets: torch.Tensor, max_len:
     return ctx.transpose(1, 2).values().reshape(t, heads * dim)  # [T, heads*dim]
 
 
+def grouped_attention(att: nn.Module, h: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                      ) -> torch.Tensor:
+    """One BERT self-attention over packed texts sorted by length, group by group: h [T, H] -> [T, H].
+
+    Group g holds n_g texts of width at most L_g whose T_g tokens follow group g-1's in h; it is given as
+    (index int64[n_g * L_g]: the row of h at each padded position, any row at a pad; mask bool[n_g, 1, 1, L_g]:
+    True at the real keys; real int64[T_g]: the padded positions of the real tokens, in order). q, k and v are one
+    product each over all T tokens; only the [n_g, heads, L_g, L_g] scores are per group. A pad's key is masked
+    and its query's output dropped, so neither reaches a real token, forward or backward."""
+    heads, dim = att.num_attention_heads, att.attention_head_size
+    q, k, v = att.query(h), att.key(h), att.value(h)  # [T, heads*dim] each
+    out = []
+    for index, mask, real in groups:
+        n, width = mask.shape[0], mask.shape[-1]
+        qg, kg, vg = (x.index_select(0, index).view(n, width, heads, dim).transpose(1, 2)  # [n_g, heads, L_g, dim]
+                      for x in (q, k, v))
+        ctx = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask,
+                                             dropout_p=att.dropout.p if att.training else 0.0)
+        out.append(ctx.transpose(1, 2).reshape(n * width, heads * dim).index_select(0, real))  # [T_g, heads*dim]
+    return torch.cat(out)
+
+
+def bert_packed(bert: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
+                attend) -> torch.Tensor:
+    """A BertModel's last hidden states [T, H] of packed int64[T] ids / token types / positions; attend(att, h)
+    runs one self-attention (`attention` or `grouped_attention`). Every other module acts per token."""
+    h = bert.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None],
+                        position_ids=position_ids[None])[0]  # [T, H]
+    for layer in bert.encoder.layer:
+        a = layer.attention.output(attend(layer.attention.self, h), h)  # dense, dropout, LayerNorm(+h)
+        h = layer.output(layer.intermediate(a), a)  # [T, H]
+    return h
+
+
 def classify_packed(hf_model: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor,
                     position_ids: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
     """Logits [B, C] from packed int64[T] ids / token types / positions (0..n_i-1 within each sequence)."""
     if isinstance(hf_model, ModernBertForSequenceClassification):
         return modernbert_packed(hf_model, input_ids, position_ids, offsets, max_len)
     bert = hf_model.bert
-    h = bert.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None],
-                        position_ids=position_ids[None])[0]  # [T, H]
-    for layer in bert.encoder.layer:
-        a = layer.attention.output(attention(layer, h, offsets, max_len), h)  # dense, dropout, LayerNorm(+h)
-        h = layer.output(layer.intermediate(a), a)  # [T, H]
+    h = bert_packed(bert, input_ids, token_type_ids, position_ids,
+                    lambda att, x: attention(att, x, offsets, max_len))  # [T, H]
     first = h.index_select(0, offsets[:-1])  # [B, H]: each sequence's [CLS]
     pooled = bert.pooler(first[:, None, :]) if bert.pooler is not None else first
     return hf_model.classifier(hf_model.dropout(pooled))

@@ -6,6 +6,7 @@ sentence-transformers itself: tests/test_embed_st.py.)"""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ import transformers
 from bertlaunch.data.tables.triples import TripleColumns, collate_rows, load_triples
 from bertlaunch.data.tokenize import load_hf_tokenizer
 from bertlaunch.model.embed import Encoder, pool, read_sentence_transformers
+from bertlaunch.tasks.embed.config import EmbedConfig
 from bertlaunch.tasks.embed.loss import GradCache, local_cross_entropy
+from bertlaunch.tasks.embed.spec import unpadded
 from bertlaunch.tasks.embed.task import encode_batch
 from bertlaunch.tools import retrieval
 from tests.embed_data import write_beir, write_triples
@@ -130,24 +133,60 @@ def test_config_problems_are_listed_at_once(embed_config, inproc):
     assert "task.temperature must be > 0, got 0" in r.stderr and "task.pooling" in r.stderr
 
 
+def embed_and_grads(enc: Encoder, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro-batch's embeddings [texts, H] and every parameter's gradient (flat) under a fixed weighting."""
+    enc.zero_grad()
+    emb = encode_batch(enc, batch, "cpu")
+    (emb * torch.linspace(-1, 1, emb.numel()).view_as(emb)).sum().backward()
+    return emb.detach(), torch.cat([p.grad.flatten() for p in enc.parameters() if p.grad is not None])
+
+
+def twelve_rows(tmp_path):
+    tok = load_hf_tokenizer("bert-base-uncased")
+    return load_triples(TripleColumns(str(write_triples(tmp_path / "t.jsonl", 12, negative=True)), "auto", "query",
+                                      "positive", "negative", 32, None), tok)
+
+
 @pytest.mark.parametrize("family", ["bert", "roberta", "modernbert", "deberta-v2", "electra"])
 def test_length_groups_give_the_embeddings_and_gradients_of_one_padded_batch(tmp_path, family):
     """Four length groups (one word-embedding lookup, four encoder passes, the rows put back) against every text
     padded together: the same embeddings and the same gradients, to rounding, in every family (RoBERTa counts its
     positions from the ids, the others from 0)."""
-    tok = load_hf_tokenizer("bert-base-uncased")
-    rows = load_triples(TripleColumns(str(write_triples(tmp_path / "t.jsonl", 12, negative=True)), "auto", "query",
-                                      "positive", "negative", 32, None), tok)
+    rows = twelve_rows(tmp_path)
     torch.manual_seed(0)
-    hf = transformers.AutoModel.from_config(family_config(family))
-    enc = Encoder(hf, "mean", True).eval()
-    results = []
-    for groups in (1, 4):
-        enc.zero_grad()
-        emb = encode_batch(enc, collate_rows(rows, torch.arange(12).numpy(), groups), "cpu")  # [36, 32]
-        (emb * torch.linspace(-1, 1, emb.numel()).view_as(emb)).sum().backward()
-        results.append((emb.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None]))
-    (e1, g1), (e4, g4) = results
+    enc = Encoder(transformers.AutoModel.from_config(family_config(family)), "mean", True).eval()
+    e1, g1 = embed_and_grads(enc, collate_rows(rows, torch.arange(12).numpy(), 1))
+    e4, g4 = embed_and_grads(enc, collate_rows(rows, torch.arange(12).numpy(), 4))
     assert e1.shape == (36, 32) and torch.allclose(e1, e4, atol=1e-6)
-    g1, g4 = torch.cat([g.flatten() for g in g1]), torch.cat([g.flatten() for g in g4])  # every parameter's gradient
     assert g1.shape == g4.shape and float((g1 - g4).norm() / g1.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_texts_give_the_embeddings_and_gradients_of_one_padded_batch(tmp_path, pooling):
+    """Pad-free BERT (the texts end to end, attention in 4 length groups) against every text padded together."""
+    rows = twelve_rows(tmp_path)
+    torch.manual_seed(0)
+    enc = Encoder(transformers.AutoModel.from_config(family_config("bert")), pooling, True, packed=True).eval()
+    e1, g1 = embed_and_grads(enc, collate_rows(rows, torch.arange(12).numpy(), 1))
+    packed = collate_rows(rows, torch.arange(12).numpy(), 4, packed=True)
+    assert packed["inputs"]["input_ids"].dim() == 1  # [T]: no pad token
+    ep, gp = embed_and_grads(enc, packed)
+    assert e1.shape == (36, 32) and torch.allclose(e1, ep, atol=1e-6)
+    assert g1.shape == gp.shape and float((g1 - gp).norm() / g1.norm()) < 1e-5
+
+
+@pytest.mark.parametrize(("family", "unpad", "compile_", "expect"), [
+    ("bert", None, False, True), ("roberta", None, False, False), ("bert", None, True, False),
+    ("bert", False, False, False), ("bert", True, False, True),
+    ("roberta", True, False, "task.unpad=true: the model is a RobertaModel, not a BertModel (BERT, MiniLM, ...); "
+                                "set task.unpad=false"),
+    ("bert", True, True, "task.unpad=true: model.compile=true: the pad-free path runs the BERT layers itself")])
+def test_task_unpad_is_pad_free_where_the_model_allows_it_and_says_why_not(family, unpad, compile_, expect):
+    cfg = EmbedConfig(output_dir="x")
+    cfg.task.unpad, cfg.model.compile = unpad, compile_
+    hf = transformers.AutoModel.from_config(family_config(family))
+    if isinstance(expect, str):
+        with pytest.raises(ValueError, match=re.escape(expect)):
+            unpadded(cfg, hf)
+    else:
+        assert unpadded(cfg, hf) is expect

@@ -118,12 +118,37 @@ def test_labelled_pairs_become_training_rows_and_a_beir_folder_our_reader_takes(
 def test_length_groups_pad_each_group_to_its_longest_and_restore_the_column_order(tmp_path, tok):
     t = load_triples(columns(write_triples(tmp_path / "t.jsonl", 8, negative=True), "negative"), tok)
     idx = np.array([5, 1, 7, 2])
-    one, four = collate_rows(t, idx), collate_rows(t, idx, groups=4)
+    one, four = collate_rows(t, idx)["inputs"], collate_rows(t, idx, groups=4)
     texts = [col[i].tolist() for col in t.texts for i in idx]  # 12 texts: queries, positives, negatives
-    rows = [ids[mask.bool()].tolist() for g in four["groups"] for ids, mask in zip(g["input_ids"], g["attention_mask"])]
+    g = four["inputs"]
+    rows = [ids[mask.bool()].tolist() for i, m in zip(g["input_ids"], g["attention_mask"]) for ids, mask in zip(i, m)]
     assert [rows[j] for j in four["restore"].tolist()] == texts
-    widths = [g["input_ids"].shape[1] for g in four["groups"]]
-    assert [len(g["input_ids"]) for g in four["groups"]] == [3, 3, 3, 3] and widths == sorted(widths)
-    assert widths == [int(g["attention_mask"].sum(1).max()) for g in four["groups"]]
-    assert four["meta"]["n_slots"] == 3 * sum(widths) < one["meta"]["n_slots"] == 12 * max(map(len, texts))
-    assert one["restore"] is None and one["groups"][0]["input_ids"].shape == (12, max(map(len, texts)))
+    widths = [ids.shape[1] for ids in g["input_ids"]]
+    assert [len(ids) for ids in g["input_ids"]] == [3, 3, 3, 3] and widths == sorted(widths)
+    assert widths == [int(m.sum(1).max()) for m in g["attention_mask"]]
+    assert four["meta"]["n_slots"] == 3 * sum(widths) < collate_rows(t, idx)["meta"]["n_slots"] == 12 * max(
+        map(len, texts))
+    assert collate_rows(t, idx)["restore"] is None and one["input_ids"][0].shape == (12, max(map(len, texts)))
+
+
+def test_packed_texts_end_to_end_with_each_attention_group_padded_to_its_longest(tmp_path, tok):
+    t = load_triples(columns(write_triples(tmp_path / "t.jsonl", 8, negative=True), "negative"), tok)
+    idx = np.array([5, 1, 7, 2])
+    b = collate_rows(t, idx, groups=4, packed=True)
+    p, texts = b["inputs"], [col[i].tolist() for col in t.texts for i in idx]
+    ids, offsets = p["input_ids"].tolist(), p["offsets"].tolist()
+    packed = [ids[a:z] for a, z in zip(offsets, offsets[1:])]
+    assert [packed[j] for j in b["restore"].tolist()] == texts and list(map(len, packed)) == sorted(map(len, texts))
+    assert p["position_ids"].tolist() == [k for x in packed for k in range(len(x))]
+    assert b["meta"]["n_slots"] == b["meta"]["n_real"] == len(ids)
+    start = 0
+    for g, (index, mask, real) in enumerate(p["groups"]):  # texts 3g..3g+2, each group padded to its longest
+        lens = list(map(len, packed[3 * g:3 * g + 3]))
+        assert mask.shape == (3, 1, 1, max(lens)) and mask[:, 0, 0].sum(1).tolist() == lens
+        tokens = index[real]  # the real positions point at the group's own tokens, in order
+        assert tokens.tolist() == list(range(start, start + sum(lens)))
+        start += sum(lens)
+    assert start == len(ids)
+    empty = collate_rows(t, np.array([], dtype=np.int64), groups=4, packed=True)
+    assert empty["inputs"]["input_ids"].tolist() == [t.pad_id] and empty["restore"] is None
+    assert (empty["meta"]["n_slots"], empty["meta"]["texts"]) == (0, 0)

@@ -3,7 +3,8 @@ remote (data/tables/read.py), each column tokenized on its own ([CLS] text [SEP]
 
 A training step's rows are drawn as fine-tuning's are (data/tables/pairs.py: epoch_order, split_global), so the
 step -> rows map depends on (seed, epoch) only, never on the world size. The texts of a micro-batch (its queries,
-then its positives, then its negatives) are padded to their longest and encoded in one forward pass.
+then its positives, then its negatives) are sorted by length and encoded in length groups, padded or packed
+(collate_rows).
 """
 
 from __future__ import annotations
@@ -86,18 +87,46 @@ def pad_texts(ids: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": torch.from_numpy(out), "attention_mask": torch.from_numpy(mask)}
 
 
-def collate_rows(d: Triples, idx: np.ndarray, groups: int = 1) -> dict:
+def collate_rows(d: Triples, idx: np.ndarray, groups: int = 1, packed: bool = False) -> dict:
     """One micro-batch of rows: their texts, column after column ([n queries; n positives(; n negatives)]), sorted
-    by length and cut into `groups` groups, each padded to its own longest (int64 [n_g, width_g] input_ids and
-    attention_mask); `restore` (int64[cols * n], None for one group or no rows) puts the groups' rows,
-    concatenated, back in column order. Plus the host-side counts (no rows: one pad row, no slot)."""
+    by length and cut into `groups` groups. `inputs` are the encoder's arguments (model/embed.py Encoder):
+    - padded: per group int64 [n_g, width_g] input_ids and attention_mask, each group padded to its own longest;
+    - packed: the sorted texts end to end (packed_inputs), the groups used by the attention only.
+    `restore` (int64[cols * n], None when the texts keep their order) puts the embeddings, which come out in the
+    groups' order, back in column order. Plus the host-side counts (no rows: one pad text, no slot)."""
     ids = [col[i] for col in d.texts for i in idx]
-    order = np.argsort([len(x) for x in ids], kind="stable") if groups > 1 else np.arange(len(ids))
+    order = np.argsort([len(x) for x in ids], kind="stable") if groups > 1 or packed else np.arange(len(ids))
     parts = np.array_split(order, max(min(groups, len(ids)), 1))
-    padded = [pad_texts([ids[j] for j in g], d.pad_id) for g in parts]
-    restore = torch.from_numpy(np.argsort(order)) if groups > 1 and ids else None
+    restore = torch.from_numpy(np.argsort(order)) if (groups > 1 or packed) and ids else None
     n_real = int(sum(len(x) for x in ids))
-    n_slots = sum(len(g) * b["input_ids"].shape[1] for g, b in zip(parts, padded))
-    return {"groups": padded, "restore": restore,
+    if packed:
+        texts = [ids[j] for j in order] or [np.full(1, d.pad_id, dtype=np.int32)]
+        inputs, n_slots = packed_inputs(texts, [len(g) for g in parts] if ids else [1]), n_real
+    else:
+        padded = [pad_texts([ids[j] for j in g], d.pad_id) for g in parts]
+        inputs = {key: [b[key] for b in padded] for key in ("input_ids", "attention_mask")}
+        n_slots = sum(len(g) * b["input_ids"].shape[1] for g, b in zip(parts, padded))
+    return {"inputs": inputs, "restore": restore,
             "meta": {"index": [int(i) for i in idx], "n": len(idx), "n_real": n_real, "n_slots": n_slots,
                      "texts": len(ids)}}
+
+
+def packed_inputs(texts: list[np.ndarray], sizes: list[int]) -> dict:
+    """Texts sorted by length, end to end: input_ids int64[T], position_ids int64[T] (0.. in each text, BERT's
+    absolute positions), offsets int64[N + 1], and per group of `sizes` consecutive texts the attention's padded
+    layout (model/unpadded.py grouped_attention): (index int64[n_g * L_g], mask bool[n_g, 1, 1, L_g], real
+    int64[T_g]), pads pointing at token 0."""
+    lens = np.array([len(x) for x in texts], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    groups, start = [], 0
+    for n in sizes:
+        glens, width = lens[start:start + n], int(lens[start:start + n].max())
+        cols = np.arange(width)
+        mask = cols[None, :] < glens[:, None]  # [n_g, L_g]
+        index = np.where(mask, offsets[start:start + n, None] + cols[None, :], 0)
+        groups.append((torch.from_numpy(index.reshape(-1)), torch.from_numpy(mask)[:, None, None, :],
+                       torch.from_numpy(np.flatnonzero(mask.reshape(-1)))))
+        start += n
+    return {"input_ids": torch.from_numpy(np.concatenate(texts).astype(np.int64)),
+            "position_ids": torch.from_numpy(np.concatenate([np.arange(n) for n in lens])),
+            "offsets": torch.from_numpy(offsets), "groups": groups}

@@ -45,11 +45,17 @@ class EmbedTaskConfig:
     temperature: float = 0.05
     """InfoNCE temperature: the loss is cross-entropy over similarity / temperature (sentence-transformers'
     MultipleNegativesRankingLoss scale 20 = temperature 0.05)."""
+    unpad: bool | None = None
+    """Pad-free: each micro-batch's texts packed end to end, so every linear layer runs on real tokens only, and
+    attention run in task.length_groups groups of similar lengths, each padded to its own longest inside the
+    attention only (model/unpadded.py). null: pad-free where the model allows it (a BertModel with absolute
+    positions: BERT, MiniLM; and model.compile=false), the padded groups otherwise; true: pad-free, or an error
+    saying why not; false: the padded groups. The embeddings are the same to rounding either way."""
     length_groups: int = 4
-    """Each micro-batch's texts (queries, positives and negatives together) are sorted by length and encoded in this
-    many groups, each padded to its own longest text: fewer pad tokens for the same embeddings, since every text is
-    encoded alone (the loss is the same to rounding; dropout draws differ). 1: one forward with every text padded to
-    the micro-batch's longest."""
+    """Each micro-batch's texts (queries, positives and negatives together) are sorted by length and cut into this
+    many groups. Padded (task.unpad off): each group is one encoder pass padded to its own longest text. Pad-free:
+    the groups are the attention's only. Every text is encoded alone either way (the loss is the same to rounding;
+    dropout draws differ). 1: every text padded to the micro-batch's longest."""
     grad_cache: bool = False
     """GradCache: embed the whole global batch without gradients in micro-batches, take the loss over all of it,
     then recompute each micro-batch with gradients (same loss and gradients as one big batch, about a third more

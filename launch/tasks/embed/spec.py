@@ -20,6 +20,7 @@ from bertlaunch.model.embed import (
     read_sentence_transformers,
     write_sentence_transformers,
 )
+from bertlaunch.model.unpadded import packed_problem
 from bertlaunch.tasks.embed.config import EmbedConfig
 from bertlaunch.tasks.embed.data import EmbedData, load_embed_data
 from bertlaunch.tasks.embed.task import EmbedTask
@@ -31,6 +32,15 @@ def encoder_dir(pretrained: str) -> str:
     root = Path(resolve_model_alias(pretrained))
     st = read_sentence_transformers(root) if root.is_dir() else None
     return st.model_dir if st is not None else resolve_model_dir(pretrained)
+
+
+def unpadded(cfg: EmbedConfig, hf_model) -> bool:
+    """task.unpad resolved for `hf_model` (null: pad-free where it can be); ValueError naming why not for true."""
+    why = packed_problem(hf_model) or ("model.compile=true: the pad-free path runs the BERT layers itself, so nothing "
+                                       "would be compiled" if cfg.model.compile else None)
+    if cfg.task.unpad and why:
+        raise ValueError(f"task.unpad=true: {why}; set task.unpad=false (or null: pad-free only where it can be)")
+    return why is None if cfg.task.unpad is None else cfg.task.unpad
 
 
 class EmbedSpec:
@@ -61,7 +71,8 @@ class EmbedSpec:
                                                         "normalize": t.normalize}))
             write_sentence_transformers(path, config.hidden_size, settings)
 
-        return Model(Encoder(hf_model, t.pooling, t.normalize), config, write_meta, m.preset or m.pretrained)
+        return Model(Encoder(hf_model, t.pooling, t.normalize, unpadded(cfg, hf_model)), config, write_meta,
+                     m.preset or m.pretrained)
 
     def plan_args(self, cfg: EmbedConfig, data: EmbedData | None) -> dict:
         return {"examples": len(data.train) if data is not None else 1, "epochs": cfg.train.epochs}
@@ -73,7 +84,7 @@ class EmbedSpec:
 
     def task(self, cfg: EmbedConfig, info: DistInfo, tok, data: EmbedData, model: Model, plan: Plan,
              resume: Resume) -> EmbedTask:
-        return EmbedTask(cfg, info, data, model.config, plan, resume)
+        return EmbedTask(cfg, info, data, model.config, plan, resume, model.module.packed)
 
     def describe(self, cfg: EmbedConfig, tok, data: EmbedData, plan: Plan, info: DistInfo) -> None:
         t, train = cfg.task, data.train
@@ -89,9 +100,10 @@ class EmbedSpec:
         print("lengths       " + ", ".join(f"{c} mean {sum(ls) / len(ls):.1f} max {max(ls)}"
                                            for c, ls in zip(train.columns, lengths))
               + f" tokens (task.max_length {t.max_length}); tokenizer vocab {len(tok)}")
-        if t.length_groups > 1:
-            print(f"              each micro-batch's texts sorted by length and encoded in {t.length_groups} groups, "
-                  "each padded to its own longest (task.length_groups)")
+        pad_free = {None: "pad-free where the model allows it (BERT, MiniLM), else padded", True: "pad-free",
+                    False: "padded"}[t.unpad]
+        print(f"              each micro-batch's texts sorted by length, {t.length_groups} length groups, "
+              f"{pad_free} (task.length_groups, task.unpad)")
         if first.accum > 1 and not t.grad_cache:
             print(f"  note: with accumulation ({first.accum} micro-batches per step) a query's in-batch negatives are "
                   f"its micro-batch on every rank ({first.micro} x {info.world_size}), not the global batch of "

@@ -26,20 +26,27 @@ from bertlaunch.tasks.embed.retrieval import score, table
 METRIC = "ndcg@10"  # picks the best checkpoint
 
 
+def to_device(x, device):
+    """Tensors, and lists/tuples/dicts of them, on `device`."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return type(x)(to_device(v, device) for v in x)
+
+
 def encode_batch(forward, batch: dict, device) -> torch.Tensor:
-    """[cols * n, H] embeddings of a micro-batch's texts (one pad row when n = 0): its length groups ([n_g, width_g]
-    each, data/tables/triples.py collate_rows) encoded by one call of `forward` (the engine), the rows put back in
-    column order."""
-    groups = batch["groups"]
-    emb = forward(input_ids=[g["input_ids"].to(device, non_blocking=True) for g in groups],
-                  attention_mask=[g["attention_mask"].to(device, non_blocking=True) for g in groups])
+    """[cols * n, H] embeddings of a micro-batch's texts (one pad text when n = 0): its inputs (padded length groups
+    or packed texts, data/tables/triples.py collate_rows) encoded by one call of `forward` (the engine), the rows put
+    back in column order."""
+    emb = forward(**to_device(batch["inputs"], device))
     restore = batch["restore"]
     return emb if restore is None else emb.index_select(0, restore.to(device, non_blocking=True))
 
 
 class EmbedTask:
-    def __init__(self, cfg: EmbedConfig, info, data: EmbedData, hf_config, p: Plan, resume: Resume):
-        self.cfg, self.info, self.d = cfg, info, data
+    def __init__(self, cfg: EmbedConfig, info, data: EmbedData, hf_config, p: Plan, resume: Resume, packed: bool):
+        self.cfg, self.info, self.d, self.packed = cfg, info, data, packed
         self.arch = arch_of(hf_config)
         self.micro, self.accum, self.world = p.phases[0].micro, p.accum, info.world_size
         self.global_batch, self.steps_per_epoch, self.total_steps = p.global_batch, p.steps_per_epoch, p.total_steps
@@ -66,7 +73,8 @@ class EmbedTask:
             epoch, k = divmod(step, self.steps_per_epoch)
             gb = self.global_batches(epoch)[k]
             parts = split_global(gb, self.micro, self.world, self.accum)  # [rank][slot] -> rows
-            chunks = [collate_rows(self.d.train, idx, self.cfg.task.length_groups) for idx in parts[self.info.rank]]
+            chunks = [collate_rows(self.d.train, idx, self.cfg.task.length_groups, self.packed)
+                      for idx in parts[self.info.rank]]
             share = [sum(len(x) for x in mine) for mine in parts]
             for a, chunk in enumerate(chunks):
                 chunk["meta"] |= {"step": step, "slot": a, "n_step": len(gb), "share": share,
@@ -99,7 +107,7 @@ class EmbedTask:
         return self.cache.loss(m["slot"])
 
     def null_batch(self):
-        batch = collate_rows(self.d.train, np.zeros(1, dtype=np.int64))
+        batch = collate_rows(self.d.train, np.zeros(1, dtype=np.int64), packed=self.packed)
         batch["meta"]["null"] = True
         return batch
 
