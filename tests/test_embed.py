@@ -121,6 +121,7 @@ def test_the_dry_run_shows_the_negatives_and_the_evaluation(embed_config, inproc
     assert "4 in-batch positives per query + their hard negatives" in r.stdout
     assert "set task.grad_cache=true for the whole global batch" in r.stdout
     assert "12 queries, 40 documents; nDCG@10, Recall@100, MRR@10" in r.stdout
+    assert "4 length groups, pad-free where the model allows it (BERT, MiniLM), else padded" in r.stdout
     r = inproc("embed", embed_config({"train.micro_batch_size": 4, "task.grad_cache": True}), ["--dry-run"])
     assert "16 in-batch positives per query + their hard negatives; GradCache over the global batch" in r.stdout
 

@@ -1,5 +1,6 @@
 """The SIGKILL matrix, on 2 CPU ranks: pretraining x ZeRO 0-3, fine-tuning x ZeRO 0-3, padded and pad-free, and sentence
-embeddings at ZeRO 3 with GradCache (ZeRO 0-2 with BERTLAUNCH_FULL=1) (and pretraining at ZeRO 0 killed twice).
+embeddings at ZeRO 3 with GradCache and oneDNN's linear layers (ZeRO 0-2 with BERTLAUNCH_FULL=1) (and pretraining
+at ZeRO 0 killed twice).
 Pretraining at ZeRO 1 and 2 runs ModernBERT's recipe on a tiny ModernBERT: documents isolated in the packed blocks,
 StableAdamW, a batch-size warmup (the checkpoint of step 3 lies inside it), 30% masking, then a phase at twice the
 length with a new RoPE base.
@@ -119,7 +120,8 @@ def test_finetuning_sigkill_resume_is_bit_identical(tmp_path, tiny_config, stage
 def embed_straight(tmp_path_factory):
     """straight(stage) -> (config, output_dir) of the uninterrupted 2-rank embedding run at that stage, run once for
     the tests below. Hard negatives, a BEIR folder scored every 3 steps, 100 rows in global batches of 16 (the last
-    of the 7 steps is short: 4 rows), dropout off; at stage 3 GradCache in chunks of 4 rows per rank."""
+    of the 7 steps is short: 4 rows), dropout off; at stage 3 GradCache in chunks of 4 rows per rank, the linear
+    layers multiplied by oneDNN (model.cpu_linear: its products must be as deterministic as torch's)."""
     from tests.conftest import build_config
     from tests.embed_data import write_beir, write_triples
 
@@ -128,7 +130,8 @@ def embed_straight(tmp_path_factory):
     def straight(stage):
         if stage not in runs:
             tmp = tmp_path_factory.mktemp(f"embed{stage}")
-            cached = {"task.grad_cache": True, "train.micro_batch_size": 4} if stage == 3 else {}
+            cached = {"task.grad_cache": True, "train.micro_batch_size": 4,
+                      "model.cpu_linear": "onednn"} if stage == 3 else {}
             cfg = build_config(tmp, "embed", {
                 "task.train_file": write_triples(tmp / "rows.jsonl", 100, negative=True), "task.negative": "negative",
                 "task.eval_dir": write_beir(tmp / "beir"), "train.global_batch_size": 16, "eval.every": EVERY,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bertlaunch.core import configlib, preflight
+from bertlaunch.core import configlib, dist, preflight
 from bertlaunch.core.checkpoint import CheckpointError, exact_keys
 from bertlaunch.core.checkpointer import Checkpointer
 from bertlaunch.core.dist import DistInfo
@@ -29,6 +29,7 @@ from bertlaunch.core.seeding import seed_everything, seed_rank
 from bertlaunch.core.task import Resume, TaskSpec, TrainState
 from bertlaunch.core.tracking import make_tracker, resume_tracker
 from bertlaunch.model.build import check_positions
+from bertlaunch.model.cpu_linear import use_onednn_linears
 
 
 def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | None = None) -> Trainer | None:
@@ -43,6 +44,8 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
     if model is not None:
         key, length = spec.longest(cfg)
         check(check_positions, model.config, length, key)
+        if cfg.model.cpu_linear == "onednn" and dist.device().type == "cpu":
+            check(use_onednn_linears, model.module)
     seed_rank(cfg.train.seed, info.rank)  # distinct dropout per rank (restored on resume)
     plan, problems = make_plan(cfg, info.world_size, hidden_size=getattr(model and model.config, "hidden_size", None),
                                **spec.plan_args(cfg, data))

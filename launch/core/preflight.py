@@ -61,7 +61,8 @@ def show(dry: Preflight, cfg, info: dist.DistInfo, p: Plan, model: Model | None,
           + (f", floor {t.min_lr_ratio:g} x lr" if t.min_lr_ratio else "")
           + (f"; time budget {t.time_budget_h:g} h (the lr follows the time used; max_steps is a cap)"
              if t.time_budget_h else ""))
-    print(f"precision     {p.precision}; DeepSpeed ZeRO stage {zero_stage(p.ds_config)} ({cfg.deepspeed.config})")
+    print(f"precision     {p.precision}; DeepSpeed ZeRO stage {zero_stage(p.ds_config)} ({cfg.deepspeed.config})"
+          + linear_kernel(cfg.model.cpu_linear, p.precision))
     if model is not None:
         c = model.config
         print(f"model         {model.name}: {model.params / 1e6:.1f}M parameters; {architecture(c)}")
@@ -139,3 +140,12 @@ def memory_table(params: int, c, seq: int, micro: int, world: int, precision: st
     rows = [f"stage {s}: {(m + act) / GIB:6.2f} GiB (model states {m / GIB:.2f} + activations {act / GIB:.2f})"
             for s, m in model_states.items()]
     return "\n              ".join(rows)
+
+
+def linear_kernel(choice: str, precision: str) -> str:
+    """What model.cpu_linear=onednn does in this run (nothing is said for the default)."""
+    if choice != "onednn":
+        return ""
+    if dist.device().type != "cpu" or precision != "fp32":
+        return f"; model.cpu_linear=onednn has no effect here ({dist.device().type}, {precision}: torch's products)"
+    return "; linear layers multiplied by oneDNN (model.cpu_linear)"
