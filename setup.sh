@@ -15,10 +15,5 @@ INSTALL="pip install -q"
 if pip install -q uv >/dev/null 2>&1; then INSTALL="uv pip install -q"; fi
 # DeepSpeed ships as source: build it against the torch above (build isolation would fetch a CUDA torch)
 python -c "import deepspeed" >/dev/null 2>&1 || $INSTALL --no-build-isolation -c constraints-cpu.txt deepspeed
-# bytecode for every installed package (uv writes none by default; pip does): a process then imports torch,
-# transformers and DeepSpeed about 0.7 s faster, which every launch and every subprocess of the tests pays otherwise
-# where PYTHONDONTWRITEBYTECODE is set (uv compiles the whole site-packages once, about 20 s on 2 cores)
-COMPILE=""
-if [[ $INSTALL == uv* ]]; then COMPILE="--compile-bytecode"; fi
-$INSTALL $COMPILE -c constraints-cpu.txt -e ".[dev,report]"
+$INSTALL -c constraints-cpu.txt -e ".[dev,report]"
 echo "setup.sh: ready (.venv)"
