@@ -4,6 +4,8 @@ deterministic and trains like torch's (its SIGKILL resume: tests/test_kill_matri
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -53,13 +55,19 @@ def test_a_model_keeps_its_weights_and_state_dict_and_gives_its_outputs():
     assert "forward" in model.encoder.layer[0].attention.self.query.__dict__
 
 
-def test_a_run_is_deterministic_and_trains_like_torchs(tmp_path, tiny_config, inproc):
+@pytest.mark.parametrize("kind", ["embed", "pretrain", "finetune"])
+def test_a_run_is_deterministic_and_trains_like_torchs(tmp_path, tiny_config, inproc, corpus, pairs, kind):
+    """Every task's model (the MLM head tied to the embeddings, a classifier, an encoder) through oneDNN: two runs
+    give the same losses bit for bit, and torch's products the same to rounding."""
     from tests.embed_data import write_triples
 
-    cfg = tiny_config("embed", {"task.train_file": write_triples(tmp_path / "t.jsonl", 48), "train.max_steps": 4,
-                                "train.global_batch_size": 16, "log.every": 1})
-    for name, kernel in (("a", "onednn"), ("b", "onednn"), ("torch", "torch")):
-        inproc("embed", cfg, [f"output_dir={tmp_path / name}", f"model.cpu_linear={kernel}"])
+    data = {"embed": {"task.train_file": write_triples(tmp_path / "t.jsonl", 48), "train.global_batch_size": 16},
+            "pretrain": {"data.train_files": [corpus(200)], "train.global_batch_size": 8},
+            "finetune": {"task.train_file": pairs("train.tsv"), "train.global_batch_size": 8}}[kind]
+    cfg = tiny_config(kind, {**data, "train.max_steps": 4, "log.every": 1})
+    logs = {name: inproc(kind, cfg, [f"output_dir={tmp_path / name}", f"model.cpu_linear={kernel}"]).stdout
+            for name, kernel in (("a", "onednn"), ("b", "onednn"), ("torch", "torch"))}
+    assert re.search(r"linear layers: [1-9]\d* multiplied by oneDNN", logs["a"]) and "oneDNN" not in logs["torch"]
     a, b, ref = ([r["loss"] for r in read_metrics(tmp_path / n) if "loss" in r] for n in ("a", "b", "torch"))
     assert len(a) == 4 and a == b
     assert max(abs(x - y) / abs(y) for x, y in zip(a, ref)) < 1e-4

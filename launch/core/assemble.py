@@ -45,7 +45,9 @@ def assemble(spec: TaskSpec, cfg, info: DistInfo, dry: preflight.Preflight | Non
         key, length = spec.longest(cfg)
         check(check_positions, model.config, length, key)
         if cfg.model.cpu_linear == "onednn" and dist.device().type == "cpu":
-            check(use_onednn_linears, model.module)
+            layers = check(use_onednn_linears, model.module)
+            if dry is None:
+                log(f"linear layers: {layers} multiplied by oneDNN (model.cpu_linear)")
     seed_rank(cfg.train.seed, info.rank)  # distinct dropout per rank (restored on resume)
     plan, problems = make_plan(cfg, info.world_size, hidden_size=getattr(model and model.config, "hidden_size", None),
                                **spec.plan_args(cfg, data))
