@@ -20,7 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from bertlaunch.model.build import attention_kernel, check_vocab, configure, pad_embeddings, padded_vocab, preset_config
 from bertlaunch.model.presets import family
-from bertlaunch.model.unpadded import bert_packed, grouped_attention, packed_problem
+from bertlaunch.model.unpadded import bert_packed, grouped_attention, packed_problem, pool_packed
 
 POOLINGS = ("mean", "cls")
 
@@ -79,8 +79,9 @@ class Encoder(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling '{pooling}' is not one of: {', '.join(POOLINGS)}")
-        if packed and packed_problem(hf_model):
-            raise ValueError(f"packed texts: {packed_problem(hf_model)}")
+        why = packed_problem(hf_model) if packed else None
+        if why:
+            raise ValueError(f"packed texts: {why}")
         self.hf, self.pooling, self.normalize, self.packed = hf_model, pooling, normalize, packed
 
     def forward(self, input_ids: torch.Tensor | list[torch.Tensor],
@@ -111,11 +112,7 @@ class Encoder(nn.Module):
         """[N, H] embeddings of packed texts (before normalisation): the pooling over each text's own tokens."""
         h = bert_packed(self.hf, input_ids, torch.zeros_like(input_ids), position_ids,
                         lambda att, x: grouped_attention(att, x, groups)).float()  # [T, H]
-        if self.pooling == "cls":
-            return h.index_select(0, offsets[:-1])
-        lens = offsets[1:] - offsets[:-1]  # [N]
-        text = torch.repeat_interleave(torch.arange(lens.numel(), device=h.device), lens, output_size=h.shape[0])
-        return h.new_zeros(lens.numel(), h.shape[1]).index_add(0, text, h) / lens[:, None].to(h.dtype)
+        return pool_packed(h, offsets, self.pooling)
 
 
 # -- the sentence-transformers folder --------------------------------------------------------------------------

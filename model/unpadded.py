@@ -132,10 +132,15 @@ def modernbert_packed(hf_model: nn.Module, input_ids: torch.Tensor, position_ids
                        attention_mask={"full_attention": None, "sliding_attention": None},
                        cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=max_len,
                        max_length_k=max_len).last_hidden_state[0]  # [T, H]
-    if hf_model.config.classifier_pooling == "cls":
-        pooled = h.index_select(0, offsets[:-1])
-    else:
-        lens = offsets[1:] - offsets[:-1]
-        seq = torch.repeat_interleave(torch.arange(lens.numel(), device=h.device), lens, output_size=h.shape[0])
-        pooled = h.new_zeros(lens.numel(), h.shape[1]).index_add(0, seq, h) / lens[:, None].to(h.dtype)
+    pooled = pool_packed(h, offsets, hf_model.config.classifier_pooling)
     return hf_model.classifier(hf_model.drop(hf_model.head(pooled)))
+
+
+def pool_packed(h: torch.Tensor, offsets: torch.Tensor, pooling: str) -> torch.Tensor:
+    """h [T, H] of N packed sequences (offsets int64[N + 1]) -> [N, H]: "cls" each sequence's first token, anything
+    else the mean of its tokens."""
+    if pooling == "cls":
+        return h.index_select(0, offsets[:-1])
+    lens = offsets[1:] - offsets[:-1]  # [N]
+    seq = torch.repeat_interleave(torch.arange(lens.numel(), device=h.device), lens, output_size=h.shape[0])
+    return h.new_zeros(lens.numel(), h.shape[1]).index_add(0, seq, h) / lens[:, None].to(h.dtype)

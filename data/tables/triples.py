@@ -95,9 +95,10 @@ def collate_rows(d: Triples, idx: np.ndarray, groups: int = 1, packed: bool = Fa
     `restore` (int64[cols * n], None when the texts keep their order) puts the embeddings, which come out in the
     groups' order, back in column order. Plus the host-side counts (no rows: one pad text, no slot)."""
     ids = [col[i] for col in d.texts for i in idx]
-    order = np.argsort([len(x) for x in ids], kind="stable") if groups > 1 or packed else np.arange(len(ids))
+    sort = groups > 1 or packed
+    order = np.argsort([len(x) for x in ids], kind="stable") if sort else np.arange(len(ids))
     parts = np.array_split(order, max(min(groups, len(ids)), 1))
-    restore = torch.from_numpy(np.argsort(order)) if (groups > 1 or packed) and ids else None
+    restore = torch.from_numpy(np.argsort(order)) if sort and ids else None
     n_real = int(sum(len(x) for x in ids))
     if packed:
         texts = [ids[j] for j in order] or [np.full(1, d.pad_id, dtype=np.int32)]
@@ -120,7 +121,8 @@ def packed_inputs(texts: list[np.ndarray], sizes: list[int]) -> dict:
     offsets = np.concatenate([[0], np.cumsum(lens)])
     groups, start = [], 0
     for n in sizes:
-        glens, width = lens[start:start + n], int(lens[start:start + n].max())
+        glens = lens[start:start + n]
+        width = int(glens.max())
         cols = np.arange(width)
         mask = cols[None, :] < glens[:, None]  # [n_g, L_g]
         index = np.where(mask, offsets[start:start + n, None] + cols[None, :], 0)
